@@ -1,0 +1,201 @@
+"""`distill-sd` command line: thin argument parsing over the library; every bad input is one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from distill_sd.errors import UserError  # noqa: E402
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars stay; the libraries' per-file loading/saving bars and notices go."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+def cmd_students(args: argparse.Namespace) -> None:
+    from distill_sd.measure import count_macs, count_params, meta_unet
+    from distill_sd.reference import ARCH_SPECS, ARCHS, unet_config
+    from distill_sd.report import markdown_table
+    from distill_sd.students import CATALOGUE
+    from distill_sd.surgery import plan_student, unet_topology
+
+    records = []
+    for arch in [args.arch] if args.arch else ARCHS:
+        teacher_cfg = unet_config(arch)
+        res = args.resolution or ARCH_SPECS[arch]["resolution"]
+        t_params, t_macs = count_params(meta_unet(teacher_cfg)), count_macs(meta_unet(teacher_cfg), res)
+        records.append({"arch": arch, "model": f"{arch} (teacher)", "unet_params": t_params, "unet_macs": t_macs,
+                        "resolution": res, "summary": ARCH_SPECS[arch]["title"], "source": ""})
+        for spec in CATALOGUE.values():
+            if spec.topology != unet_topology(teacher_cfg):
+                continue
+            cfg = plan_student(teacher_cfg, spec).config
+            records.append({"arch": arch, "model": spec.name, "unet_params": count_params(meta_unet(cfg)),
+                            "unet_macs": count_macs(meta_unet(cfg), res), "resolution": res,
+                            "summary": spec.summary, "source": spec.source,
+                            "params_ratio": None, "macs_ratio": None})
+            records[-1]["params_ratio"] = records[-1]["unet_params"] / t_params
+            records[-1]["macs_ratio"] = records[-1]["unet_macs"] / t_macs
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    rows = [[r["arch"], r["model"], f"{r['unet_params']:,}",
+             f"{r['params_ratio']:.2f}" if r.get("params_ratio") else "1.00",
+             f"{r['unet_macs'] / 1e9:.1f} G @{r['resolution']}",
+             f"{r['macs_ratio']:.2f}" if r.get("macs_ratio") else "1.00", r["summary"]] for r in records]
+    print(markdown_table(["arch", "model", "U-Net params", "x teacher", "U-Net MACs", "x teacher", "what"], rows))
+    print("\nMACs: one U-Net forward, batch 1, 77 tokens; Conv2d and Linear multiply-accumulates (thop convention).")
+
+
+def cmd_reference(args: argparse.Namespace) -> None:
+    from distill_sd.models import check_new_output_dir, save_pipeline
+    from distill_sd.reference import NOISE_WARNING, check_arch, reference_pipeline
+
+    check_arch(args.arch)
+    out = Path(args.out)
+    check_new_output_dir(out)
+    pipe = reference_pipeline(args.arch, narrow=args.narrow, seed=args.seed)
+    card = (f"# Reference {args.arch}{' (narrow)' if args.narrow else ''} pipeline\n\n**WARNING: {NOISE_WARNING}.**\n\n"
+            f"Made by `distill-sd reference --arch {args.arch}{' --narrow' if args.narrow else ''} --seed {args.seed}`.\n")
+    save_pipeline(pipe, out, card=card)
+    print(f"wrote {out}  (WARNING: {NOISE_WARNING})")
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from distill_sd.models import check_new_output_dir, load_teacher, save_student
+    from distill_sd.report import human
+    from distill_sd.students import get_spec
+    from distill_sd.surgery import build_student, plan_student, verify_pairs
+
+    out = Path(args.out)
+    check_new_output_dir(out)
+    spec = get_spec(args.student, init=args.init)  # fail on a bad spec before loading gigabytes
+    teacher = load_teacher(args.teacher, allow_pickle=args.allow_pickle)
+    plan = plan_student(teacher.unet.config, spec)
+    verify_pairs(plan, teacher.unet.config)
+    unet, coverage = build_student(teacher.unet, plan)
+    meta = save_student(teacher, plan, unet, coverage, out)
+    print(f"student '{spec.name}' of {teacher.source} ({teacher.arch}) -> {out}")
+    print(f"U-Net params: teacher {meta['teacher_unet_params']:,}, student {meta['student_unet_params']:,} "
+          f"({meta['student_unet_params'] / meta['teacher_unet_params']:.3f}x)")
+    print(f"U-Net MACs at {meta['resolution']} px: teacher {human(meta['teacher_unet_macs'])}, "
+          f"student {human(meta['student_unet_macs'])}")
+    print(coverage.summary())
+    for line in coverage.not_copied[:10]:
+        print(f"  not copied: {line}")
+    if len(coverage.not_copied) > 10:
+        print(f"  ... and {len(coverage.not_copied) - 10} more (see {out}/distill_sd.json)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from distill_sd.models import describe
+    from distill_sd.report import human, markdown_table
+
+    rows = [describe(m, args.resolution).as_dict() for m in args.model]
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        return
+    for d in rows:
+        print(f"{d['model']}  ({d['arch']})")
+        print(f"  U-Net params      {d['unet_params']:,}")
+        print(f"  U-Net MACs        {human(d['unet_macs'])} per forward at {d['resolution']} px (batch 1)")
+        print(f"  pipeline params   {d['pipeline_params']:,}  (" +
+              ", ".join(f"{k} {v:,}" for k, v in d["components"].items()) + ")")
+        print(markdown_table(["block", "type", "layers", "out ch", "transformer depth", "params"],
+                             [[b["block"], b["type"], b["layers"] or "", b["out_channels"] or "",
+                               b["transformer_depth"] or "", f"{b['params']:,}"] for b in d["blocks"]]))
+        print()
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from distill_sd import __version__
+
+    p = _Parser(prog="distill-sd", description="Smaller, faster Stable Diffusion: block removal + distillation.")
+    p.add_argument("--version", action="version", version=f"distill-sd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("students", help="the student catalogue with U-Net params and MACs")
+    s.add_argument("--arch", choices=["sd15", "sd21", "sdxl"], help="only students of this teacher")
+    s.add_argument("--resolution", type=_positive_multiple_of_8, help="px (default: the teacher's own)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_students)
+
+    s = sub.add_parser("reference", help="a random-weight pipeline of exact SD-1.5/2.1/SDXL shapes (images are noise)")
+    s.add_argument("--arch", required=True, choices=["sd15", "sd21", "sdxl"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--narrow", action="store_true", help="same topology, small widths (tests: seconds, megabytes)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_reference)
+
+    s = sub.add_parser("build", help="build a student pipeline from a teacher and a recipe")
+    s.add_argument("--teacher", required=True, help="pipeline directory, .safetensors file or hub id")
+    s.add_argument("--student", required=True, help="catalogue name (see `students`) or a .yaml/.json spec")
+    s.add_argument("--out", required=True)
+    s.add_argument("--init", choices=["bk", "first"], default="bk",
+                   help="up-stage weight map: bk = teacher layers 0 and 2 (BK-SDM), first = 0 and 1 (OFA)")
+    s.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt/.bin pickle checkpoint")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("inspect", help="params, MACs and block layout of pipelines or U-Nets")
+    s.add_argument("model", nargs="+", help="pipeline dir, U-Net dir, or sd15/sd21/sdxl")
+    s.add_argument("--resolution", type=_positive_multiple_of_8)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def _positive_multiple_of_8(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of pixels") from None
+    if value <= 0 or value % 8:
+        raise argparse.ArgumentTypeError(f"{value} px must be a positive multiple of 8 (the VAE's scale)")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"distill-sd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distill-sd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Shapes world: a procedural captioned-image dataset and an exact scorer for it."""
+
+from distill_sd.shapes.scorer import (
+    CHECKS,
+    DetectedObject,
+    ImageScore,
+    detect_objects,
+    score_batch,
+    score_image,
+)
+from distill_sd.shapes.world import (
+    BACKGROUND,
+    COLOURS,
+    DEFAULT_SIZE,
+    HELDOUT_COMBOS,
+    PALETTE,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    export_image_folder,
+    generate,
+    heldout_prompts,
+    render_scene,
+    sample_scenes,
+)
+
+__all__ = [
+    "BACKGROUND",
+    "CHECKS",
+    "COLOURS",
+    "DEFAULT_SIZE",
+    "HELDOUT_COMBOS",
+    "PALETTE",
+    "POSITIONS",
+    "RELATIONS",
+    "SHAPES",
+    "DetectedObject",
+    "ImageScore",
+    "Scene",
+    "SceneObject",
+    "detect_objects",
+    "export_image_folder",
+    "generate",
+    "heldout_prompts",
+    "render_scene",
+    "sample_scenes",
+    "score_batch",
+    "score_image",
+]

@@ -1,0 +1,24 @@
+"""Shared fixtures: narrow random-weight teachers of the real SD-1, SD-2 and SDXL topologies."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def narrow_dirs(tmp_path_factory):
+    """Saved narrow reference pipelines: {"sd15": path, "sd21": path, "sdxl": path}, built once per session."""
+    from distill_sd.models import save_pipeline
+    from distill_sd.reference import ARCHS, reference_pipeline
+
+    root = tmp_path_factory.mktemp("narrow")
+    return {arch: save_pipeline(reference_pipeline(arch, narrow=True, seed=1), root / arch) for arch in ARCHS}

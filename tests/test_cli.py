@@ -1,0 +1,94 @@
+"""The command line: JSON outputs, and bad input as one clear line with exit != 0 and nothing overwritten."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from distill_sd.cli import main
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_students_json_has_params_and_macs(capsys):
+    code, out, _ = _cli(capsys, "students", "--arch", "sd15", "--json")
+    rows = {r["model"]: r for r in json.loads(out)}
+    assert code == 0
+    assert rows["bk-tiny"]["unet_params"] == 323_384_964
+    assert abs(rows["bk-tiny"]["unet_macs"] - 205.0e9) / 205.0e9 < 0.01
+
+
+def test_build_then_inspect(capsys, narrow_dirs, tmp_path):
+    out = tmp_path / "tiny"
+    code, text, _ = _cli(capsys, "build", "--teacher", str(narrow_dirs["sd15"]), "--student", "bk-tiny",
+                         "--out", str(out))
+    assert code == 0 and "100.00%" in text
+    code, text, _ = _cli(capsys, "inspect", str(out), "--json", "--resolution", "64")
+    info = json.loads(text)
+    assert code == 0 and info["unet_params"] == 3_194_436 and info["unet_macs"] > 0
+    assert set(info["components"]) == {"unet", "vae", "text_encoder"}
+    assert [b["block"] for b in info["blocks"] if b["block"].startswith("down")] == [f"down_blocks.{i}" for i in range(3)]
+    code, text, _ = _cli(capsys, "inspect", str(out / "unet"), "--json")  # a bare U-Net folder works too
+    assert code == 0 and json.loads(text)["unet_params"] == 3_194_436
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, narrow_dirs):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    not_unet = tmp_path / "ddpm"
+    DDPMPipeline(unet=UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2),
+                 scheduler=DDPMScheduler()).save_pretrained(not_unet)
+    (tmp_path / "model.ckpt").write_bytes(b"not really a pickle")
+    (tmp_path / "broken.yaml").write_text("down: [layers: 0\n")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "keep.txt").write_text("precious")
+    teacher = str(narrow_dirs["sd15"])
+    return {
+        "unknown student": (["--teacher", teacher, "--student", "bk-huge"], "unknown student 'bk-huge'"),
+        "malformed spec": (["--teacher", teacher, "--student", str(tmp_path / "broken.yaml")], "not valid YAML"),
+        "not a U-Net pipeline": (["--teacher", str(not_unet), "--student", "bk-tiny"], "without a UNet2DConditionModel"),
+        "missing path": (["--teacher", str(tmp_path / "nowhere"), "--student", "bk-tiny"], "not found"),
+        "pickle without flag": (["--teacher", str(tmp_path / "model.ckpt"), "--student", "bk-tiny"], "--allow-pickle"),
+        "wrong family": (["--teacher", str(narrow_dirs["sdxl"]), "--student", "bk-base"], "recipe for SD teachers"),
+    }, tmp_path
+
+
+@pytest.mark.parametrize("case", ["unknown student", "malformed spec", "not a U-Net pipeline", "missing path",
+                                  "pickle without flag", "wrong family"])
+def test_bad_build_input_is_one_clear_line(capsys, bad_inputs, case):
+    cases, tmp_path = bad_inputs
+    argv, fragment = cases[case]
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, "build", *argv, "--out", str(out))
+    assert code != 0
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists(), "nothing may be written on bad input"
+
+
+def test_existing_output_is_never_overwritten(capsys, bad_inputs, narrow_dirs):
+    _, tmp_path = bad_inputs
+    code, _, err = _cli(capsys, "build", "--teacher", str(narrow_dirs["sd15"]), "--student", "bk-tiny",
+                        "--out", str(tmp_path / "exists"))
+    assert code != 0 and "already exists" in err
+    assert [p.name for p in (tmp_path / "exists").iterdir()] == ["keep.txt"]
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "precious"
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    """The installed entry point, in a fresh process: argument errors and user errors are single lines."""
+    exe = [sys.executable, "-m", "distill_sd"]
+    for argv, fragment in ((["inspect", str(tmp_path / "none")], "not found"),
+                           (["students", "--resolution", "100"], "multiple of 8")):
+        proc = subprocess.run(exe + argv, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        assert fragment in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
