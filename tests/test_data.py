@@ -82,7 +82,10 @@ def test_caption_files_recursive(tmp_path):
     write(tmp_path / "._a.png", b"macOS resource fork")  # hidden: ignored, not counted as corrupt
     captioned = open_dataset(str(tmp_path))
     assert not captioned.streaming and len(captioned) == 2
-    assert records(captioned) == [("a.png", COLORS["red"], "a red square"), ("sub/b.JPG", COLORS["green"], "green")]
+    assert records(captioned) == [
+        ("a.png", COLORS["red"], "a red square"),
+        ("sub/b.JPG", COLORS["green"], "green"),
+    ]
     assert captioned.stats == DataStats(seen=2)
 
 
@@ -91,7 +94,10 @@ def test_metadata_file(tmp_path, layout):
     write(tmp_path / "imgs" / "x.png", png_bytes(COLORS["blue"]))
     write(tmp_path / "y.png", png_bytes(COLORS["red"]))
     write(tmp_path / "y.txt", "ignored: metadata wins")
-    rows = [{"file_name": "imgs/x.png", "caption": "blue", "extra": 1}, {"file_name": "y.png", "caption": "red"}]
+    rows = [
+        {"file_name": "imgs/x.png", "caption": "blue", "extra": 1},
+        {"file_name": "y.png", "caption": "red"},
+    ]
     if layout == "jsonl":
         write(tmp_path / "metadata.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
     else:
@@ -117,7 +123,9 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     captioned = open_dataset(str(tmp_path))
     assert len(captioned) == 3  # nothing decoded up front
     assert [key for key, *_ in captioned] == ["good.png"]
-    assert captioned.stats == DataStats(seen=3, skipped_corrupt=2, skipped_examples=["garbage.png", "truncated.png"])
+    assert captioned.stats == DataStats(
+        seen=3, skipped_corrupt=2, skipped_examples=["garbage.png", "truncated.png"]
+    )
     assert "skipped 2" in captioned.stats.summary()
 
 
@@ -183,7 +191,9 @@ def test_webdataset_corrupt_and_truncated(tmp_path):
     captioned = open_dataset(str(tmp_path))
     assert [key for key, *_ in captioned] == ["000000000"]
     assert captioned.stats == DataStats(
-        seen=4, skipped_corrupt=3, skipped_examples=["000000001", "000000002", "00001.tar (unreadable from here on)"]
+        seen=4,
+        skipped_corrupt=3,
+        skipped_examples=["000000001", "000000002", "00001.tar (unreadable from here on)"],
     )
 
 
@@ -251,7 +261,9 @@ def test_hub_failure_is_a_user_error(monkeypatch):
 def gradient(width: int, height: int) -> Image.Image:
     """Red rises left to right, green top to bottom: crops and flips show in the pixels."""
     image = Image.new("RGB", (width, height))
-    image.putdata([(255 * x // (width - 1), 255 * y // (height - 1), 0) for y in range(height) for x in range(width)])
+    image.putdata(
+        [(255 * x // (width - 1), 255 * y // (height - 1), 0) for y in range(height) for x in range(width)]
+    )
     return image
 
 

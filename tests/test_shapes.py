@@ -184,7 +184,9 @@ def test_scorer_rejects_mismatched_captions(scenes: list[Scene], images: list[Im
 
 def test_each_check_catches_its_error() -> None:
     single = next(
-        s for s in sample_scenes(200, seed=9) if len(s.objects) == 1 and s.mentions_size and s.mentions_position
+        s
+        for s in sample_scenes(200, seed=9)
+        if len(s.objects) == 1 and s.mentions_size and s.mentions_position
     )
     pair = next(s for s in sample_scenes(200, seed=9) if len(s.objects) == 2)
     obj = single.objects[0]

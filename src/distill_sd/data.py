@@ -54,7 +54,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 Record = tuple[str, Image.Image, str]
 # What readers produce before filtering: image None means unreadable. Keeping the key of a skipped item
 # lets the DataLoader path report it from worker processes (see `collate_skip_none`).
-RawRecord = tuple[str, "Image.Image | None", str]
+RawRecord = tuple[str, Image.Image | None, str]
 
 
 @dataclass
@@ -211,9 +211,13 @@ class WebDatasetShards(CaptionedImages):
                 # A list (not a str) so shard names are not brace-expanded again; splitting is done above;
                 # a fixed seed stops WebDataset from drawing one from (and so advancing) python's global RNG.
                 for sample in wds.WebDataset(
-                    [shard], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                    empty_check=False, seed=0,
-                ):  # fmt: skip
+                    [shard],
+                    shardshuffle=False,
+                    nodesplitter=None,
+                    workersplitter=None,
+                    empty_check=False,
+                    seed=0,
+                ):
                     found = True
                     yield self._record(sample, Path(shard).name)
             except (tarfile.TarError, OSError, EOFError, ValueError):
@@ -318,8 +322,9 @@ def _read_metadata(
     root: Path, metadata: str, files: list[str], caption_column: str, allow_empty: bool
 ) -> list[tuple[str, str]]:
     """Rows of the HF imagefolder metadata file: `file_name` plus the caption column, images relative to
-    `root`. A listed image that does not exist is a UserError (most likely paths relative to another
-    folder), not a skip: skipping would silently train on nothing."""
+    `root`; images it does not list are ignored, as by HF imagefolder. A listed image that does not exist
+    is a UserError (most likely paths relative to another folder), not a skip: skipping would silently
+    train on nothing."""
     if metadata == "metadata.csv":
         with open(root / metadata, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
@@ -359,7 +364,9 @@ def _expand_shards(pattern: str) -> list[str]:
     shards = list(wds.shardlists.expand_urls(pattern))
     missing = [shard for shard in shards if not Path(shard).is_file()]
     if missing:
-        raise UserError(f"{len(missing)} of {len(shards)} shards in {pattern} do not exist, e.g. {missing[0]}")
+        raise UserError(
+            f"{len(missing)} of {len(shards)} shards in {pattern} do not exist, e.g. {missing[0]}"
+        )
     return shards
 
 
@@ -370,7 +377,7 @@ def _open_hf_folder(
 
     try:
         loaded = datasets.load_dataset(str(root), split=split)
-    except Exception as error:  # datasets raises many types for folders it cannot interpret
+    except Exception as error:  # noqa: BLE001 - datasets raises many types for folders it cannot read
         raise UserError(
             f"no images found in {root} and datasets.load_dataset could not read it either "
             f"({_first_line(error)}); expected {LAYOUTS}"
@@ -385,7 +392,7 @@ def _open_hub(
 
     try:
         loaded = datasets.load_dataset(source, split=split)
-    except Exception as error:  # offline, unknown repo, gated, bad split... all mean "cannot use it"
+    except Exception as error:  # noqa: BLE001 - offline, unknown repo, gated, bad split: all "unusable"
         raise UserError(
             f"dataset {source!r} could not be found locally (no such path) or on the Hugging Face Hub "
             f"({_first_line(error)}); check the name or path, your network and HF_TOKEN"
@@ -460,7 +467,7 @@ def _decode_image(source: bytes | Path) -> Image.Image | None:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image))
-    except Exception:
+    except Exception:  # noqa: BLE001 - see docstring
         return None
 
 
@@ -504,7 +511,7 @@ def _transform(image: Image.Image, *, resolution: int, center_crop: bool, random
     return (pixels.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
 
 
-def TrainingExamples(  # noqa: N802 - reads like the class it returns
+def TrainingExamples(
     captioned: CaptionedImages, transform: Callable[[Image.Image], torch.Tensor]
 ) -> MapTrainingExamples | StreamingTrainingExamples:
     """DataLoader adapter yielding `{"key", "pixel_values", "caption"}` dicts: map-style for a map-style

@@ -10,8 +10,8 @@ Design choices that the scorer relies on:
   * colours come from a small palette of saturated, well-separated colours, and the two objects
     of a scene never share a colour, so colour segmentation separates them;
   * objects never overlap or touch, so each object is one connected component;
-  * each shape has a distinct fill ratio of its bounding box (square 1.0, circle ~0.785,
-    apex-up triangle 0.5);
+  * shapes are axis-aligned and triangles point up, so shapes differ in simple moments (a
+    triangle's mass is skewed towards its base; a square's corners weigh in its 4th moments);
   * single objects sit near one of five anchor points, and two-object relations are always
     clear (the dominant axis of the offset is unambiguous).
 
@@ -214,7 +214,7 @@ def export_image_folder(
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not an empty directory: choose a new --out path")
+        raise UserError(f"{out} already exists and is not an empty directory: choose a new or empty one")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:
         for i, (image, scene) in enumerate(generate(n, seed, split, size)):
