@@ -134,7 +134,105 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print()
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from distill_sd.train import TrainConfig, train
+
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    final = train(TrainConfig(mode=args.command, **values))
+    print(f"done: {final}")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from distill_sd.cache import build_cache
+    from distill_sd.models import check_new_output_dir, load_teacher
+
+    check_new_output_dir(Path(args.out))
+    base = load_teacher(args.base, allow_pickle=args.allow_pickle)
+    resolution = args.resolution or base.unet.config.sample_size * 2 ** (len(base.pipeline.vae.config.block_out_channels) - 1)
+    device = "cuda" if _cuda() else "cpu"
+    base.pipeline.to(device)
+    build_cache(base.pipeline, args.base, args.data, Path(args.out), resolution=resolution,
+                center_crop=args.center_crop, batch_size=args.batch_size, image_column=args.image_column,
+                caption_column=args.caption_column, allow_empty_captions=args.allow_empty_captions, device=device)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 # ------------------------------------------------------------------------------------------ parser
+
+_TRAIN_HELP = {
+    "out": "output folder: checkpoints/, logs/, validation/, and final/ (the trained pipeline)",
+    "data": "image folder (.txt captions or metadata.jsonl/.csv), HF dataset name/path, or webdataset .tar shards",
+    "cache": "a `distill-sd cache` folder (latents + text embeddings) used instead of --data",
+    "teacher": "teacher pipeline: folder, .safetensors or hub id",
+    "student": "distill: catalogue name, spec file or a built student folder; finetune: the pipeline to train",
+    "base": "pretrain: the pipeline whose tokenizer, text encoder, VAE and scheduler are used",
+    "unet_config": "pretrain: U-Net config.json to initialise randomly (default: the base pipeline's)",
+    "init": "distill from a catalogue name: bk (BK-SDM map) or first (OFA first layers)",
+    "recipe": "loss/lr preset: bk-sdm (1/1/1, lr 5e-5), segmind (1/0.5/0.5, lr 1e-5), balanced "
+              "(bk-sdm weights, variance-normalised feature loss)",
+    "feature_norm": "none (plain sum, BK-SDM) | mean | teacher_var (MSE / teacher feature variance, averaged)",
+    "resume_from_checkpoint": "latest, or a checkpoint folder",
+    "report_to": "tensorboard (default), wandb, all, or none",
+    "mixed_precision": "no | fp16 | bf16 (default: accelerate's config)",
+    "proportion_empty_prompts": "fraction of captions replaced by the empty prompt (for classifier-free guidance)",
+}
+
+
+def _add_train_args(parser: argparse.ArgumentParser, mode: str) -> None:
+    """One flag per TrainConfig field, named as in diffusers' scripts; --config FILE gives defaults."""
+    import dataclasses
+
+    from distill_sd.train import TrainConfig
+
+    parser.add_argument("--config", help="YAML file whose keys are these flag names; flags on the command line win")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("mode",):
+            continue
+        flag = "--" + f.name
+        kw: dict = {"help": _TRAIN_HELP.get(f.name), "dest": f.name}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            parser.add_argument(flag, required=True, **kw)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
+            continue
+        if f.name == "validation_prompts":
+            parser.add_argument(flag, nargs="+", default=default, **kw)
+            continue
+        kind = float if "float" in f.type else int if "int" in f.type else str
+        parser.add_argument(flag, type=kind, default=default, **kw)
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Read --config first; its keys become defaults so explicit flags override them."""
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    path = Path(known.config)
+    if not path.is_file():
+        raise UserError(f"--config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values")
+    dests = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in values if k.replace("-", "_") not in dests)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {unknown}; keys are the flag names without dashes")
+    parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+
 
 def build_parser() -> argparse.ArgumentParser:
     from distill_sd import __version__
@@ -165,6 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt/.bin pickle checkpoint")
     s.set_defaults(fn=cmd_build)
 
+    for mode, text in (("distill", "distil a student from a teacher (task + output + feature loss)"),
+                       ("finetune", "continue training a pipeline's U-Net on the task loss"),
+                       ("pretrain", "train a randomly initialised U-Net from a config on the task loss")):
+        s = sub.add_parser(mode, help=text)
+        _add_train_args(s, mode)
+        s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("cache", help="precompute VAE latents and text embeddings for training")
+    s.add_argument("--base", required=True, help="the pipeline whose VAE and text encoder(s) training will use")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--resolution", type=_positive_multiple_of_8)
+    s.add_argument("--center_crop", action="store_true")
+    s.add_argument("--batch_size", type=int, default=8)
+    s.add_argument("--image_column", default="image")
+    s.add_argument("--caption_column", default="text")
+    s.add_argument("--allow_empty_captions", "--allow-empty-captions", action="store_true")
+    s.add_argument("--allow-pickle", action="store_true")
+    s.set_defaults(fn=cmd_cache)
+
     s = sub.add_parser("inspect", help="params, MACs and block layout of pipelines or U-Nets")
     s.add_argument("model", nargs="+", help="pipeline dir, U-Net dir, or sd15/sd21/sdxl")
     s.add_argument("--resolution", type=_positive_multiple_of_8)
@@ -184,7 +302,16 @@ def _positive_multiple_of_8(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv and argv[0] in ("distill", "finetune", "pretrain"):
+        sub = parser._subparsers._group_actions[0].choices[argv[0]]  # the mode's own parser
+        try:
+            _apply_config_file(sub, argv[1:])
+        except UserError as e:
+            print(f"distill-sd {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
     _quiet_libraries()
     try:
         args.fn(args)

@@ -1,0 +1,59 @@
+"""What the frozen parts of a pipeline give the U-Net: latents from the VAE, conditioning from the text encoders.
+
+One place for SD-1/SD-2 (one text encoder) and SDXL (two encoders, pooled embedding, size/crop time ids), used
+by training on the fly and by `distill-sd cache` ahead of time, so both produce identical inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+
+
+def is_sdxl(pipe: DiffusionPipeline) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+@dataclass
+class TextConditioning:
+    embeds: torch.Tensor  # B x tokens x cross_attention_dim
+    pooled: torch.Tensor | None = None  # SDXL: B x pooled dim
+
+    def unet_kwargs(self, resolution: int) -> dict:
+        """encoder_hidden_states (and SDXL's added_cond_kwargs: uncropped square image of `resolution`)."""
+        kwargs = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            b = self.pooled.shape[0]
+            ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=self.pooled.dtype,
+                               device=self.pooled.device).expand(b, 6)
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": ids}
+        return kwargs
+
+
+@torch.no_grad()
+def encode_text(pipe: DiffusionPipeline, captions: list[str], device: torch.device) -> TextConditioning:
+    """The pipeline's own prompt encoding (the same tensors it conditions on at inference)."""
+    if is_sdxl(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return TextConditioning(embeds, pooled)
+    embeds, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                   do_classifier_free_guidance=False)
+    return TextConditioning(embeds)
+
+
+@torch.no_grad()
+def encode_latent_dist(pipe: DiffusionPipeline, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior, unscaled; SDXL's VAE runs in fp32 where its config asks (force_upcast)."""
+    vae = pipe.vae
+    dtype = torch.float32 if getattr(vae.config, "force_upcast", False) else vae.dtype
+    dist = vae.to(dtype).encode(pixels.to(vae.device, dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise) * scaling_factor

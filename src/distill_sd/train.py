@@ -1,0 +1,664 @@
+"""ONE training loop for pretrain | finetune | distill, on accelerate.
+
+The modes differ only in what they switch on:
+    pretrain   a random-init U-Net (from a config) learns the task loss; frozen parts come from --base
+    finetune   an existing U-Net continues on the task loss; no teacher
+    distill    a student (built from the catalogue, or a pre-built student folder) learns the task loss
+               plus the teacher's output and block features (BK-SDM loss, see kd.py)
+
+Read `train()` top to bottom: set-up, data, the step, the loop, checkpoints, the final pipeline.
+
+Reproducibility: every random draw of a step (timesteps, noise, VAE sampling, dropped captions, crops and
+flips) comes from generators seeded by (seed, step, process), and the data order of each epoch from
+(seed, epoch). So a run resumed from a checkpoint continues exactly where the interrupted run was, and on
+CPU ends bit-identical to a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from distill_sd.errors import UserError
+from distill_sd.kd import FeatureTaps, LossWeights, distillation_loss
+
+MODES = ("pretrain", "finetune", "distill")
+RECIPES: dict[str, dict[str, Any]] = {
+    # BK-SDM: plain sum of feature MSEs, weights 1/1/1, constant lr 5e-5.
+    "bk-sdm": {"loss_task": 1.0, "loss_out": 1.0, "loss_feat": 1.0, "feature_norm": "none",
+               "learning_rate": 5e-5, "lr_scheduler": "constant"},
+    # segmind distill-sd README: output and feature terms at 0.5, lr 1e-5.
+    "segmind": {"loss_task": 1.0, "loss_out": 0.5, "loss_feat": 0.5, "feature_norm": "none",
+                "learning_rate": 1e-5, "lr_scheduler": "constant"},
+    # Ours: BK-SDM's weights with each feature pair's MSE relative to the teacher feature's variance,
+    # averaged over pairs, so no term dwarfs the others (kd.feature_loss).
+    "balanced": {"loss_task": 1.0, "loss_out": 1.0, "loss_feat": 1.0, "feature_norm": "teacher_var",
+                 "learning_rate": 5e-5, "lr_scheduler": "constant"},
+}
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "train_state.json"  # written last: a checkpoint without it is incomplete and never resumed
+
+
+@dataclass
+class TrainConfig:
+    """Every option of the loop. Names follow diffusers' train_text_to_image.py where one exists."""
+
+    mode: str
+    out: str
+    data: str | None = None
+    cache: str | None = None  # a `distill-sd cache` folder, instead of --data
+    teacher: str | None = None  # distill
+    student: str | None = None  # distill: catalogue name, spec file or student folder; finetune: the model
+    base: str | None = None  # pretrain: pipeline giving tokenizer, text encoder, VAE, scheduler (and U-Net config)
+    unet_config: str | None = None  # pretrain: a U-Net config.json (default: the base pipeline's)
+    init: str = "bk"
+    allow_pickle: bool = False
+    image_column: str = "image"
+    caption_column: str = "text"
+    allow_empty_captions: bool = False
+    resolution: int | None = None  # default: the model's own (sample_size x VAE scale)
+    center_crop: bool = False
+    random_flip: bool = False
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float | None = None
+    scale_lr: bool = False
+    lr_scheduler: str | None = None
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_train_steps: int = 1000
+    mixed_precision: str | None = None  # no | fp16 | bf16 (default: accelerate's config)
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 500
+    validation_inference_steps: int = 25
+    report_to: str = "tensorboard"
+    seed: int = 0
+    dataloader_num_workers: int = 0
+    recipe: str = "balanced"
+    loss_task: float | None = None
+    loss_out: float | None = None
+    loss_feat: float | None = None
+    feature_norm: str | None = None
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    proportion_empty_prompts: float = 0.0
+    progress: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """Fill recipe defaults where the user gave nothing, then validate every value."""
+        if self.mode not in MODES:
+            raise UserError(f"mode must be one of {MODES}")
+        if self.recipe not in RECIPES:
+            raise UserError(f"unknown --recipe '{self.recipe}'; choose one of {', '.join(RECIPES)}")
+        filled = dict(RECIPES[self.recipe])
+        if self.mode != "distill":
+            filled.update(loss_out=0.0, loss_feat=0.0, learning_rate=1e-4)
+        values = asdict(self)
+        for key, default in filled.items():
+            if values[key] is None:
+                values[key] = default
+        cfg = TrainConfig(**values)
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        positive = {"train_batch_size": self.train_batch_size, "max_train_steps": self.max_train_steps,
+                    "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "checkpointing_steps": self.checkpointing_steps, "validation_steps": self.validation_steps,
+                    "learning_rate": self.learning_rate}
+        for name, value in positive.items():
+            if not value > 0:
+                raise UserError(f"--{name} must be > 0, got {value}")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise UserError("--checkpoints_total_limit must be >= 1")
+        for name in ("lr_warmup_steps", "noise_offset", "dataloader_num_workers", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0")
+        if not 0 <= self.proportion_empty_prompts < 1:
+            raise UserError("--proportion_empty_prompts must be in [0, 1)")
+        if not 0 < self.ema_decay < 1:
+            raise UserError("--ema_decay must be in (0, 1)")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError("--snr_gamma must be > 0")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise UserError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision}")
+        if (self.data is None) == (self.cache is None):
+            raise UserError("give exactly one of --data (images) or --cache (a `distill-sd cache` folder)")
+        if self.cache and self.random_flip:
+            raise UserError("--random_flip needs images, not a cache: cached latents are fixed; drop one of them")
+        needs = {"distill": ("teacher", "student"), "finetune": ("student",), "pretrain": ("base",)}[self.mode]
+        for name in needs:
+            if getattr(self, name) is None:
+                raise UserError(f"{self.mode} needs --{name}")
+        LossWeights(self.loss_task, self.loss_out, self.loss_feat, self.feature_norm)  # validates
+
+
+# ------------------------------------------------------------------------------------------ data order
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """This process's share of a seeded permutation per epoch, from an offset (for resuming mid-epoch).
+
+    Yields (epoch, index) so each example's augmentation can be seeded too. Sharding is done here rather
+    than by accelerate's loader wrapper so the order depends only on (seed, epoch, rank), never on how
+    many times a loader was iterated before.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.n // self.world - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        mine = torch.randperm(self.n, generator=g)[self.rank::self.world][: self.n // self.world]
+        return iter([(self.epoch, int(i)) for i in mine[self.start:]])
+
+
+class SeededItems(Dataset):
+    """Runs `dataset[index]` with torch's RNG seeded by (seed, epoch, index): crops/flips reproduce on resume."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        epoch, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+def _mix(*values: int) -> int:
+    h = 1469598103934665603
+    for v in values:
+        h = ((h ^ (v & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
+    return h
+
+
+def _collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"latent_mean": torch.stack([i["latent_mean"] for i in items]),
+            "latent_std": torch.stack([i["latent_std"] for i in items]),
+            "caption_id": torch.tensor([i["caption_id"] for i in items])}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Incomplete ones (no marker, or hidden temp dirs) never count."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(out: Path, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(out)
+        return found[-1] if found else None  # nothing yet: start fresh (diffusers' behaviour)
+    path = Path(value)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise UserError(f"--resume_from_checkpoint '{value}' is not a complete checkpoint folder (no {COMPLETE_MARKER})")
+    return path
+
+
+def save_checkpoint(accelerator: Any, out: Path, step: int, state: dict[str, Any], limit: int | None) -> Path:
+    """accelerate state into a hidden temp dir, marker written last, then an atomic rename; prune old ones."""
+    root = out / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if limit is not None:
+            for old in list_checkpoints(out)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ------------------------------------------------------------------------------------------ models
+
+@dataclass
+class Models:
+    base: Any  # the pipeline providing tokenizer(s), text encoder(s), VAE, scheduler
+    base_source: str
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None = None
+    kd_pairs: list[tuple[str, str]] = field(default_factory=list)
+    student_name: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load_models(cfg: TrainConfig) -> Models:
+    from diffusers import UNet2DConditionModel
+
+    from distill_sd.models import load_teacher, read_metadata
+
+    if cfg.mode == "pretrain":
+        base = load_teacher(cfg.base, allow_pickle=cfg.allow_pickle)
+        config_path = Path(cfg.unet_config) if cfg.unet_config else None
+        if config_path is not None and not config_path.is_file():
+            raise UserError(f"--unet_config '{cfg.unet_config}' not found")
+        config = json.loads(config_path.read_text()) if config_path else dict(base.unet.config)
+        torch.manual_seed(cfg.seed)
+        student = UNet2DConditionModel.from_config(config)
+        return Models(base.pipeline, cfg.base, student, student_name="pretrained")
+    if cfg.mode == "finetune":
+        base = load_teacher(cfg.student, allow_pickle=cfg.allow_pickle)
+        return Models(base.pipeline, cfg.student, base.unet, student_name="finetuned",
+                      metadata=read_metadata(Path(cfg.student)) or {} if Path(cfg.student).is_dir() else {})
+    # distill
+    teacher = load_teacher(cfg.teacher, allow_pickle=cfg.allow_pickle)
+    student_path = Path(cfg.student)
+    if student_path.is_dir():  # a pre-built student folder: taken as is
+        meta = read_metadata(student_path)
+        unet_dir = student_path / "unet" if (student_path / "unet").is_dir() else student_path
+        if not (unet_dir / "config.json").is_file():
+            raise UserError(f"student folder '{cfg.student}' has no U-Net (unet/config.json)")
+        student = UNet2DConditionModel.from_pretrained(unet_dir)
+        pairs = [tuple(p) for p in meta["kd_pairs"]] if meta and "kd_pairs" in meta else []
+        if not pairs and cfg.loss_feat:
+            raise UserError(f"student folder '{cfg.student}' records no KD pairs ({'distill_sd.json'}); "
+                            "build it with `distill-sd build`, or pass --loss_feat 0")
+        name = meta.get("student", student_path.name) if meta else student_path.name
+        return Models(teacher.pipeline, cfg.teacher, student, teacher.unet, pairs, name, meta or {})
+    from distill_sd.students import get_spec
+    from distill_sd.surgery import build_student, plan_student, verify_pairs
+
+    plan = plan_student(teacher.unet.config, get_spec(cfg.student, init=cfg.init))
+    verify_pairs(plan, teacher.unet.config)
+    student, coverage = build_student(teacher.unet, plan)
+    from distill_sd.models import student_metadata
+
+    meta = student_metadata(teacher, plan, student, coverage)
+    return Models(teacher.pipeline, cfg.teacher, student, teacher.unet, list(plan.kd_pairs), plan.spec.name, meta)
+
+
+def _vae_scale(pipe: Any) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+def train(cfg: TrainConfig) -> Path:
+    """Run one training job; returns the output pipeline folder (`out/final`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, compute_snr
+    from tqdm.auto import tqdm
+
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    final_dir = out / "final"
+    resume = resolve_resume(out, cfg.resume_from_checkpoint)
+    if final_dir.exists():
+        raise UserError(f"'{out}' already holds a finished run ({final_dir}); choose a new --out")
+    if out.exists() and any(out.iterdir()) and cfg.resume_from_checkpoint is None:
+        raise UserError(f"'{out}' already exists and is not empty; pass --resume_from_checkpoint latest to "
+                        "continue that run, or choose a new --out")
+
+    # -- set-up: accelerate decides device, precision, processes ------------------------------------------
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    models = load_models(cfg)
+    base, student, teacher = models.base, models.student, models.teacher
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"the scheduler predicts '{prediction_type}'; training supports epsilon and v_prediction")
+    resolution = cfg.resolution or student.config.sample_size * _vae_scale(base)
+
+    # Frozen parts: eval, no grad, in the mixed dtype. With a cache, the VAE encoder and text encoders are
+    # not needed at all during training: they stay on the CPU (validation moves them when it runs).
+    encoders = [m for m in (base.vae, getattr(base, "text_encoder", None), getattr(base, "text_encoder_2", None))
+                if m is not None]
+    for m in [*encoders, teacher]:
+        if m is not None:
+            m.requires_grad_(False).eval()
+    if teacher is not None:
+        teacher.to(device, dtype=weight_dtype)
+    if cfg.cache is None:
+        for m in encoders:  # the VAE upcasts itself where its config asks (conditioning.encode_latent_dist)
+            m.to(device, dtype=weight_dtype)
+
+    student.train().requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    ema = None
+    if cfg.use_ema:  # built from the student itself (segmind built it from the unpruned teacher and crashed)
+        ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
+                       model_config=student.config)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+
+    # -- data ---------------------------------------------------------------------------------------------
+    data_stats = None
+    if cfg.cache is not None:
+        from distill_sd.cache import CachedExamples
+
+        dataset = CachedExamples(cfg.cache)
+        if dataset.index["resolution"] != resolution:
+            raise UserError(f"cache '{cfg.cache}' was made at {dataset.index['resolution']} px but training "
+                            f"runs at {resolution} px; pass --resolution {dataset.index['resolution']} or re-cache")
+        collate, streaming = _collate_cached, False
+    else:
+        from distill_sd.data import TrainingExamples, collate_skip_none, image_transform, open_dataset
+
+        source = open_dataset(cfg.data, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                              allow_empty_captions=cfg.allow_empty_captions)
+        dataset = TrainingExamples(source, image_transform(resolution, cfg.center_crop, cfg.random_flip))
+        collate, streaming = collate_skip_none, source.streaming
+        data_stats = source.stats
+    if streaming:  # shards are already split per process and worker (data.StreamingTrainingExamples)
+        loader = DataLoader(dataset, batch_size=cfg.train_batch_size, collate_fn=collate,
+                            num_workers=cfg.dataloader_num_workers)
+        sampler = None
+    else:
+        if len(dataset) < cfg.train_batch_size * accelerator.num_processes:
+            raise UserError(f"the dataset has {len(dataset)} examples, fewer than one batch "
+                            f"({cfg.train_batch_size} x {accelerator.num_processes} processes)")
+        sampler = EpochSampler(len(dataset), cfg.seed, accelerator.process_index, accelerator.num_processes)
+        loader = DataLoader(SeededItems(dataset, cfg.seed), batch_size=cfg.train_batch_size, sampler=sampler,
+                            collate_fn=collate, num_workers=cfg.dataloader_num_workers, drop_last=True)
+
+    # -- optimiser and schedule -----------------------------------------------------------------------------
+    lr = cfg.learning_rate * (cfg.gradient_accumulation_steps * cfg.train_batch_size *
+                              accelerator.num_processes if cfg.scale_lr else 1)
+    optimizer = _optimizer(cfg, lr)(student.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                    weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    raw_student = accelerator.unwrap_model(student)
+
+    # Feature taps on module objects of the unwrapped models: immune to DDP's `module.` renaming.
+    weights = LossWeights(cfg.loss_task, cfg.loss_out, cfg.loss_feat, cfg.feature_norm)
+    distilling = teacher is not None
+    use_feats = distilling and cfg.loss_feat > 0 and models.kd_pairs
+    s_taps = FeatureTaps(raw_student, [s for s, _ in models.kd_pairs]) if use_feats else None
+    t_taps = FeatureTaps(teacher, [t for _, t in models.kd_pairs]) if use_feats else None
+
+    # -- resume ------------------------------------------------------------------------------------------------
+    global_step = 0
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        global_step = json.loads((resume / COMPLETE_MARKER).read_text())["step"]
+        accelerator.print(f"resumed from {resume} at step {global_step}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if cfg.report_to != "none":
+            accelerator.init_trackers("distill-sd", config=_flat(asdict(cfg)))
+
+    text_cache: dict[str, Any] = {}
+
+    def conditioning(batch: dict[str, Any], g: torch.Generator):
+        """(latents, text conditioning) for a batch, from the cache or from the frozen encoders."""
+        from distill_sd.conditioning import encode_latent_dist, encode_text, sample_latents
+
+        if cfg.cache is not None:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            ids = batch["caption_id"]
+            if cfg.proportion_empty_prompts:
+                drop = torch.rand(len(ids), generator=g, device=device).cpu() < cfg.proportion_empty_prompts
+                ids = torch.where(drop, torch.zeros_like(ids), ids)  # row 0 is the empty prompt
+            cond = dataset.text_conditioning(ids, device, weight_dtype)
+        else:
+            mean, std = encode_latent_dist(base, batch["pixel_values"].to(device))
+            captions = list(batch["caption"])
+            if cfg.proportion_empty_prompts:
+                drop = torch.rand(len(captions), generator=g, device=device).cpu() < cfg.proportion_empty_prompts
+                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            cond = encode_text(base, captions, device)
+            cond.embeds = cond.embeds.to(weight_dtype)
+            if cond.pooled is not None:
+                cond.pooled = cond.pooled.to(weight_dtype)
+        latents = sample_latents(mean, std, base.vae.config.scaling_factor, g)
+        return latents, cond
+
+    def step_loss(batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator(device=device).manual_seed(_mix(cfg.seed, global_step, micro, accelerator.process_index))
+        latents, cond = conditioning(batch, g)
+        noise = torch.randn(latents.shape, generator=g, device=device)
+        if cfg.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+            noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=device)
+        bsz = latents.shape[0]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g,
+                                  device=device).long()
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        kwargs = cond.unet_kwargs(resolution)
+        with accelerator.autocast():
+            pred = student(noisy, timesteps, **kwargs).sample
+        teacher_pred, s_feats, t_feats = None, [], []
+        if distilling:
+            with torch.no_grad(), accelerator.autocast():
+                teacher_pred = teacher(noisy.to(weight_dtype), timesteps, **kwargs).sample
+            if use_feats:
+                s_feats, t_feats = s_taps.take(), t_taps.take()
+        snr_w = None
+        if cfg.snr_gamma is not None:  # Min-SNR weighting (Hang et al. 2023), as in diffusers' scripts
+            snr = compute_snr(noise_scheduler, timesteps)
+            snr_w = torch.stack([snr, cfg.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+            snr_w = snr_w / snr if prediction_type == "epsilon" else snr_w / (snr + 1)
+        return distillation_loss(pred, target, weights, teacher_pred, s_feats, t_feats, snr_w)
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    batches_per_epoch = None if streaming else (len(dataset) // accelerator.num_processes) // cfg.train_batch_size
+    consumed = global_step * cfg.gradient_accumulation_steps  # micro-batches already used
+    epoch = consumed // batches_per_epoch if batches_per_epoch else 0
+    bar = tqdm(total=cfg.max_train_steps, initial=global_step, desc=f"{cfg.mode} {models.student_name}",
+               unit="step", disable=not (cfg.progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    last: dict[str, float] = {}
+    running: dict[str, float] = {}
+    micro = 0
+    while global_step < cfg.max_train_steps:
+        if sampler is not None:  # resuming mid-epoch starts this epoch's order where it stopped
+            sampler.set_epoch(epoch, start=(consumed % batches_per_epoch) * cfg.train_batch_size)
+        for batch in loader:
+            consumed += 1
+            if data_stats is not None and "skipped" in batch:
+                data_stats.count_batch(batch)
+                if batch["pixel_values"] is None:
+                    continue
+            with accelerator.accumulate(student):
+                terms = step_loss(batch, micro)
+                micro += 1
+                finite = torch.isfinite(terms["loss"].detach()).float()
+                if accelerator.num_processes > 1:
+                    finite = accelerator.reduce(finite.to(device), reduction="mean")
+                if float(finite) < 1:
+                    raise UserError(_nan_message(terms, global_step, out))
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in terms.items():
+                running[k] = running.get(k, 0.0) + float(v.detach()) / cfg.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+            # ---- one optimisation step done ----
+            global_step += 1
+            micro = 0
+            if ema is not None:
+                ema.step(raw_student.parameters())
+            last, running = running, {}
+            last["lr"] = lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
+            if cfg.report_to != "none":
+                accelerator.log({f"train/{k}": v for k, v in last.items()}, step=global_step)
+            if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
+                save_checkpoint(accelerator, out, global_step, {"step": global_step, "losses": last},
+                                cfg.checkpoints_total_limit)
+            if cfg.validation_prompts and (global_step % cfg.validation_steps == 0
+                                           or global_step == cfg.max_train_steps):
+                validate(accelerator, cfg, models, raw_student, ema, out, global_step)
+            if global_step >= cfg.max_train_steps:
+                break
+        epoch += 1
+    bar.close()
+
+    # -- the final pipeline -------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_unet = _final_unet(raw_student, ema)
+        _save_final(cfg, models, final_unet, final_dir, last, data_stats)
+    if s_taps is not None:
+        s_taps.remove()
+        t_taps.remove()
+    accelerator.end_training()
+    return final_dir
+
+
+def _optimizer(cfg: TrainConfig, lr: float):
+    if not cfg.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)") from None
+    return bnb.optim.AdamW8bit
+
+
+def _nan_message(terms: dict[str, torch.Tensor], step: int, out: Path) -> str:
+    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    found = list_checkpoints(out)
+    keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+    return (f"loss is not finite at step {step + 1} ({parts}); stopped, {keep}. Lower --learning_rate, "
+            "use --mixed_precision bf16 instead of fp16, or check the data")
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
+
+
+def _final_unet(student: torch.nn.Module, ema: Any) -> torch.nn.Module:
+    if ema is None:
+        return student
+    import copy
+
+    unet = copy.deepcopy(student)
+    ema.copy_to(unet.parameters())
+    return unet
+
+
+def validation_pipeline(models: Models, unet: torch.nn.Module, device: torch.device) -> Any:
+    pipe = type(models.base)(**{**models.base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def validate(accelerator: Any, cfg: TrainConfig, models: Models, student: torch.nn.Module, ema: Any, out: Path,
+             step: int) -> None:
+    """Images for --validation_prompts (fixed seed) into out/validation/step-N/ and the tracker."""
+    if not accelerator.is_main_process:
+        return
+    unet = _final_unet(student, ema).eval()
+    pipe = validation_pipeline(models, unet, accelerator.device)
+    folder = out / "validation" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, prompt in enumerate(cfg.validation_prompts):
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        with accelerator.autocast():
+            image = pipe(prompt, num_inference_steps=cfg.validation_inference_steps, generator=g).images[0]
+        image.save(folder / f"{i:02d}.png")
+        images.append(image)
+    (folder / "prompts.json").write_text(json.dumps(cfg.validation_prompts, indent=1))
+    if cfg.report_to == "tensorboard":
+        import numpy as np
+
+        tracker = accelerator.get_tracker("tensorboard")
+        tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+    student.train()
+
+
+def _save_final(cfg: TrainConfig, models: Models, unet: torch.nn.Module, final_dir: Path,
+                last: dict[str, float], data_stats: Any) -> None:
+    from distill_sd.models import model_card, save_pipeline
+
+    training = {"mode": cfg.mode, "recipe": cfg.recipe if cfg.mode == "distill" else "task loss only",
+                "steps": cfg.max_train_steps, "data": cfg.data or f"cache {cfg.cache}",
+                "batch size": f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation",
+                "learning rate": cfg.learning_rate, "ema": cfg.use_ema,
+                "final losses": ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "lr")}
+    if data_stats is not None:
+        training["data read"] = data_stats.summary()
+    meta = dict(models.metadata)
+    unet = unet.to("cpu", dtype=torch.float32)
+    if meta.get("teacher_unet_params"):
+        meta["training"] = training
+        meta["student_unet_params"] = sum(p.numel() for p in unet.parameters())
+        card = model_card(meta)
+    else:
+        meta = {"distill_sd_version": _version(), "base": models.base_source, "training": training,
+                "kd_pairs": [list(p) for p in models.kd_pairs]}
+        card = (f"# {cfg.mode} of `{models.base_source}`\n\nTrained by distill-sd {_version()}.\n\n"
+                + "\n".join(f"- {k}: {v}" for k, v in training.items()) + "\n")
+    save_pipeline(models.base.to("cpu"), final_dir, unet=unet, card=card, metadata=meta)
+    print(f"saved {final_dir}  ({training['final losses']})")
+
+
+def _version() -> str:
+    from distill_sd import __version__
+
+    return __version__
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal fingerprints mean bit-identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
