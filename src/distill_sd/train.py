@@ -533,6 +533,9 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
             if cfg.report_to != "none":
                 accelerator.log({f"train/{k}": v for k, v in last.items()}, step=global_step)
+            if accelerator.is_main_process:  # plain-text history next to tensorboard: easy to plot and test
+                with open(out / "history.jsonl", "a") as f:
+                    f.write(json.dumps({"step": global_step, **last}) + "\n")
             if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
                 save_checkpoint(accelerator, out, global_step, {"step": global_step, "losses": last},
                                 cfg.checkpoints_total_limit)
@@ -567,7 +570,7 @@ def _optimizer(cfg: TrainConfig, lr: float):
 
 
 def _nan_message(terms: dict[str, torch.Tensor], step: int, out: Path) -> str:
-    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
     found = list_checkpoints(out)
     keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
     return (f"loss is not finite at step {step + 1} ({parts}); stopped, {keep}. Lower --learning_rate, "
