@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,18 @@ class Models:
     student_name: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def release_base(self) -> None:
+        """Free the VAE and text encoders (training from a cache never runs them); `pipeline()` reloads."""
+        self.base = None
+
+    def pipeline(self, unet: torch.nn.Module) -> Any:
+        """The base pipeline with `unet` swapped in (reloaded from its source if it was released)."""
+        if self.base is None:
+            from distill_sd.models import load_teacher
+
+            self.base = load_teacher(self.base_source).pipeline
+        return type(self.base)(**{**self.base.components, "unet": unet})
+
 
 def load_models(cfg: TrainConfig) -> Models:
     from diffusers import UNet2DConditionModel
@@ -349,6 +362,7 @@ def train(cfg: TrainConfig) -> Path:
     if prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"the scheduler predicts '{prediction_type}'; training supports epsilon and v_prediction")
     resolution = cfg.resolution or student.config.sample_size * _vae_scale(base)
+    scaling_factor = base.vae.config.scaling_factor
 
     # Frozen parts: eval, no grad, in the mixed dtype. With a cache, the VAE encoder and text encoders are
     # not needed at all during training: they stay on the CPU (validation moves them when it runs).
@@ -362,6 +376,10 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.cache is None:
         for m in encoders:  # the VAE upcasts itself where its config asks (conditioning.encode_latent_dist)
             m.to(device, dtype=weight_dtype)
+    else:
+        del encoders
+        models.release_base()
+        base = None
 
     student.train().requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -456,7 +474,7 @@ def train(cfg: TrainConfig) -> Path:
             cond.embeds = cond.embeds.to(weight_dtype)
             if cond.pooled is not None:
                 cond.pooled = cond.pooled.to(weight_dtype)
-        latents = sample_latents(mean, std, base.vae.config.scaling_factor, g)
+        latents = sample_latents(mean, std, scaling_factor, g)
         return latents, cond
 
     def step_loss(batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
@@ -495,6 +513,7 @@ def train(cfg: TrainConfig) -> Path:
     last: dict[str, float] = {}
     running: dict[str, float] = {}
     micro = 0
+    step_started = time.perf_counter()
     while global_step < cfg.max_train_steps:
         if sampler is not None:  # resuming mid-epoch starts this epoch's order where it stopped
             sampler.set_epoch(epoch, start=(consumed % batches_per_epoch) * cfg.train_batch_size)
@@ -529,8 +548,9 @@ def train(cfg: TrainConfig) -> Path:
                 ema.step(raw_student.parameters())
             last, running = running, {}
             last["lr"] = lr_scheduler.get_last_lr()[0]
+            last["sec"] = time.perf_counter() - step_started  # wall time of this step (incl. data)
             bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k != "sec"}, refresh=False)
             if cfg.report_to != "none":
                 accelerator.log({f"train/{k}": v for k, v in last.items()}, step=global_step)
             if accelerator.is_main_process:  # plain-text history next to tensorboard: easy to plot and test
@@ -544,6 +564,7 @@ def train(cfg: TrainConfig) -> Path:
                 validate(accelerator, cfg, models, raw_student, ema, out, global_step)
             if global_step >= cfg.max_train_steps:
                 break
+            step_started = time.perf_counter()
         epoch += 1
     bar.close()
 
@@ -592,7 +613,7 @@ def _final_unet(student: torch.nn.Module, ema: Any) -> torch.nn.Module:
 
 
 def validation_pipeline(models: Models, unet: torch.nn.Module, device: torch.device) -> Any:
-    pipe = type(models.base)(**{**models.base.components, "unet": unet})
+    pipe = models.pipeline(unet)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -631,7 +652,7 @@ def _save_final(cfg: TrainConfig, models: Models, unet: torch.nn.Module, final_d
                 "steps": cfg.max_train_steps, "data": cfg.data or f"cache {cfg.cache}",
                 "batch size": f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation",
                 "learning rate": cfg.learning_rate, "ema": cfg.use_ema,
-                "final losses": ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "lr")}
+                "final losses": ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("lr", "sec"))}
     if data_stats is not None:
         training["data read"] = data_stats.summary()
     meta = dict(models.metadata)
@@ -645,7 +666,7 @@ def _save_final(cfg: TrainConfig, models: Models, unet: torch.nn.Module, final_d
                 "kd_pairs": [list(p) for p in models.kd_pairs]}
         card = (f"# {cfg.mode} of `{models.base_source}`\n\nTrained by distill-sd {_version()}.\n\n"
                 + "\n".join(f"- {k}: {v}" for k, v in training.items()) + "\n")
-    save_pipeline(models.base.to("cpu"), final_dir, unet=unet, card=card, metadata=meta)
+    save_pipeline(models.pipeline(unet).to("cpu"), final_dir, card=card, metadata=meta)
     print(f"saved {final_dir}  ({training['final losses']})")
 
 
