@@ -160,6 +160,57 @@ def cmd_cache(args: argparse.Namespace) -> None:
                 caption_column=args.caption_column, allow_empty_captions=args.allow_empty_captions, device=device)
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from distill_sd.generate import GenerationParams, default_size, generate, load_pipeline, save_png
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"--prompt-file '{path}' not found")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompt-file")
+    if args.num_images < 1:
+        raise UserError("--num-images must be >= 1")
+    GenerationParams(prompts[0], None, args.steps, args.guidance, 0, args.height or 8, args.width or 8, "", "").check()
+    out = Path(args.out)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
+                         lora=args.lora, compile=args.compile)
+    size = default_size(pipe)
+    for i, prompt in enumerate(prompts):
+        params = GenerationParams(prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
+                                  args.height or size, args.width or size, args.scheduler, args.model)
+        images, seconds = generate(pipe, params, args.num_images)
+        for j, image in enumerate(images):
+            path = save_png(image, out / f"{i:03d}-{j:02d}.png", params, args.seed + j)
+            print(f"{path}  ({seconds / len(images):.2f} s/image)  {prompt}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from distill_sd.bench import plot, rows_of, run_bench, table
+
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"--dtype entries must be fp32, bf16 or fp16; got '{d}'")
+    if args.runs < 1 or args.steps < 1 or args.batch < 1:
+        raise UserError("--runs, --steps and --batch must be >= 1")
+    for m in args.model:
+        if not m.startswith("ref:") and not Path(m).exists():
+            raise UserError(f"model '{m}' not found (a pipeline folder, or ref:sd15, ref:sd15:bk-tiny, ...)")
+    rows = rows_of(run_bench(args.model, dtypes, resolution=args.resolution, steps=args.steps, batch=args.batch,
+                             runs=args.runs, unet_runs=args.unet_runs, narrow=args.narrow,
+                             whole_image=not args.unet_only))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(rows, args.steps))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -286,6 +337,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow_empty_captions", "--allow-empty-captions", action="store_true")
     s.add_argument("--allow-pickle", action="store_true")
     s.set_defaults(fn=cmd_cache)
+
+    s = sub.add_parser("generate", help="images from a pipeline (PNG with parameters in the metadata)")
+    s.add_argument("model", help="pipeline folder, .safetensors file or hub id")
+    s.add_argument("--prompt", action="append", help="repeatable")
+    s.add_argument("--prompt-file", help="one prompt per line")
+    s.add_argument("--negative-prompt")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "pndm", "euler", "euler-a", "unipc"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--height", type=_positive_multiple_of_8)
+    s.add_argument("--width", type=_positive_multiple_of_8)
+    s.add_argument("--num-images", type=int, default=1)
+    s.add_argument("--lora", help="a LoRA file or folder to fuse into the U-Net")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    s.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, bf16 on CPUs with AMX/AVX512-BF16) | fp32 | bf16 | fp16")
+    s.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow start, faster steps)")
+    s.add_argument("--out", default="images")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("bench", help="side-by-side latency and memory of pipelines (interleaved, medians)")
+    s.add_argument("model", nargs="+", help="pipeline folders, or ref:ARCH[:STUDENT] (random weights, in memory)")
+    s.add_argument("--resolution", type=_positive_multiple_of_8, default=512)
+    s.add_argument("--steps", type=int, default=25, help="denoising steps of the whole-image run")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--dtype", default="fp32", help="comma list: fp32,bf16")
+    s.add_argument("--runs", type=int, default=3, help="interleaved rounds (medians over them)")
+    s.add_argument("--unet-runs", type=int, default=3, help="U-Net calls per round")
+    s.add_argument("--unet-only", action="store_true", help="skip whole-image runs")
+    s.add_argument("--narrow", action="store_true", help="ref: models at narrow widths (for tests)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--plot", help="write a PNG bar chart here")
+    s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("inspect", help="params, MACs and block layout of pipelines or U-Nets")
     s.add_argument("model", nargs="+", help="pipeline dir, U-Net dir, or sd15/sd21/sdxl")
