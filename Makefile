@@ -17,14 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
-# Until the shapes-world demo lands: the catalogue, then a bk-tiny student of a full-size random-weight
-# SD-1.5 teacher (4.3 GB on disk; its images are noise), built and inspected.
+# The main job: distil the shipped shapes teacher into bk-base / bk-small / bk-tiny and evaluate them
+# exactly (demo-output/report.md, grid.png, tradeoff.png).
 demo: $(STAMP)
-	$(BIN)/distill-sd students --arch sd15
-	rm -rf demo-output && mkdir -p demo-output
-	$(BIN)/distill-sd reference --arch sd15 --out demo-output/sd15-random
-	$(BIN)/distill-sd build --teacher demo-output/sd15-random --student bk-tiny --out demo-output/bk-tiny
-	$(BIN)/distill-sd inspect demo-output/bk-tiny
+	$(BIN)/distill-sd demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

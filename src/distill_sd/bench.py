@@ -122,8 +122,7 @@ def run_bench(models: list[str], dtypes: list[str], *, resolution: int, steps: i
         v.pipe = load_for_bench(v.model, v.dtype, narrow)
         v.pipe.set_progress_bar_config(disable=True)
         v.unet_params = count_params(v.pipe.unet)
-        macs_res = resolution * 8 // v.pipe.vae_scale_factor  # count_macs assumes the SD VAE's factor 8
-        v.unet_macs = count_macs(meta_unet(v.pipe.unet.config), macs_res)
+        v.unet_macs = count_macs(meta_unet(v.pipe.unet.config), resolution, v.pipe.vae_scale_factor)
         unet_step_seconds(v.pipe, resolution, batch)  # warm-up: first calls allocate and pick kernels
         if whole_image:
             image_seconds(v.pipe, resolution, 1, batch)

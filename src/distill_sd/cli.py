@@ -211,6 +211,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"plot: {args.plot}", file=sys.stderr)
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from distill_sd.demo import run_demo
+
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps must be >= 1")
+    run_demo(Path(args.out), quick=args.quick, steps=args.steps)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -370,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--plot", help="write a PNG bar chart here")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("demo", help="distil the shipped shapes teacher into bk-base/small/tiny and evaluate them")
+    s.add_argument("--out", default="demo-output", help="replaced if it holds a previous demo's output")
+    s.add_argument("--quick", action="store_true", help="a ~1-minute version (few steps, few prompts)")
+    s.add_argument("--steps", type=int, help="distillation steps per student (default: 600, --quick: 30)")
+    s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("inspect", help="params, MACs and block layout of pipelines or U-Nets")
     s.add_argument("model", nargs="+", help="pipeline dir, U-Net dir, or sd15/sd21/sdxl")

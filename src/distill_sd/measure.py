@@ -75,13 +75,13 @@ def _hooks(model: torch.nn.Module, fn_by_module: Iterable[tuple[torch.nn.Module,
             h.remove()
 
 
-def _meta_forward(model: UNet2DConditionModel, resolution: int) -> None:
-    side = resolution // VAE_SCALE
+def _meta_forward(model: UNet2DConditionModel, resolution: int, vae_scale: int = VAE_SCALE) -> None:
+    side = resolution // vae_scale
     with torch.no_grad():
         model(**dummy_unet_inputs(model.config, latent_hw=(side, side), device="meta"))
 
 
-def count_macs(model: UNet2DConditionModel, resolution: int = 512) -> int:
+def count_macs(model: UNet2DConditionModel, resolution: int = 512, vae_scale: int = VAE_SCALE) -> int:
     """MACs of one U-Net forward at `resolution` px (batch 1), thop convention (see module docstring)."""
     total = 0
 
@@ -96,7 +96,7 @@ def count_macs(model: UNet2DConditionModel, resolution: int = 512) -> int:
     pairs = [(m, conv) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     pairs += [(m, linear) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     with _hooks(model, pairs):
-        _meta_forward(_on_meta(model), resolution)
+        _meta_forward(_on_meta(model), resolution, vae_scale)
     return total
 
 

@@ -1,0 +1,193 @@
+"""`distill-sd demo`: distil the shipped shapes teacher into bk-base, bk-small and bk-tiny, and show what was
+gained (params, MACs, seconds per image) and lost (exact compositional accuracy, agreement with the teacher).
+
+Everything runs offline on the CPU with the product's own code paths: `export_image_folder` writes a training
+split, `build_cache` encodes it once, `train` distils each student from the cache, `evaluate` scores every
+model's images of held-out compositions (same seeds for all models).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill_sd.errors import UserError
+
+STUDENTS = ("bk-base", "bk-small", "bk-tiny")
+MARKER = "report.md"  # a folder holding this is a previous demo's output and may be replaced
+
+
+@dataclass(frozen=True)
+class Budget:
+    train_images: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    eval_prompts: int
+
+
+FULL = Budget(train_images=4096, steps=600, batch_size=32, learning_rate=5e-4, eval_prompts=120)
+QUICK = Budget(train_images=256, steps=30, batch_size=16, learning_rate=5e-4, eval_prompts=16)
+
+
+def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUDENTS, seed: int = 0,
+             steps: int | None = None) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    from distill_sd.cache import build_cache
+    from distill_sd.evaluate import evaluate
+    from distill_sd.generate import set_scheduler
+    from distill_sd.measure import count_macs, count_params, meta_unet
+    from distill_sd.models import load_teacher
+    from distill_sd.shapes import export_image_folder, heldout_prompts
+    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS, teacher_dir
+    from distill_sd.train import TrainConfig, train
+
+    budget = QUICK if quick else FULL
+    if steps is not None:
+        budget = Budget(budget.train_images, steps, budget.batch_size, budget.learning_rate, budget.eval_prompts)
+    teacher_path = teacher_dir()
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise UserError(f"'{out}' exists and is not a previous demo output; choose another --out")
+        shutil.rmtree(out)
+    work = out / "work"
+    started = time.perf_counter()
+
+    print(f"1/4 shapes world: {budget.train_images} training images (held-out compositions excluded)")
+    data = export_image_folder(work / "data", budget.train_images, seed, "train")
+    teacher = load_teacher(teacher_path)
+    print("2/4 caching latents and text embeddings with the teacher's VAE and text encoder")
+    build_cache(teacher.pipeline, str(teacher_path), str(data), work / "cache", resolution=64, batch_size=64)
+
+    finals = {}
+    for i, name in enumerate(students):
+        print(f"3/4 distilling {name} ({i + 1}/{len(students)}): {budget.steps} steps x {budget.batch_size}")
+        finals[name] = train(TrainConfig(
+            mode="distill", teacher=str(teacher_path), student=name, cache=str(work / "cache"),
+            out=str(work / f"run-{name}"), seed=seed, train_batch_size=budget.batch_size,
+            max_train_steps=budget.steps, learning_rate=budget.learning_rate, lr_scheduler="constant",
+            recipe="balanced", checkpointing_steps=max(budget.steps, 1), report_to="none"))
+
+    scenes = heldout_prompts(budget.eval_prompts, seed=EVAL_SEED)
+    models = [("teacher", teacher_path)] + [(n, finals[n]) for n in students]
+    results = []
+    bar = tqdm(total=len(scenes) * len(models), desc="4/4 evaluating on held-out compositions", unit="image")
+    for name, path in models:
+        pipe = load_teacher(path).pipeline
+        set_scheduler(pipe, "dpm++")
+        pipe.set_progress_bar_config(disable=True)
+        r = evaluate(name, pipe, scenes, seed=EVAL_SEED, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
+                     reference=results[0] if results else None, progress=bar)
+        r.unet_params = count_params(pipe.unet)
+        r.unet_macs = count_macs(meta_unet(pipe.unet.config), 64, pipe.vae_scale_factor)
+        results.append(r)
+    bar.close()
+
+    rows = _rows(results)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    grid(results, scenes, out / "grid.png")
+    tradeoff(rows, out / "tradeoff.png")
+    table = _table(rows)
+    minutes = (time.perf_counter() - started) / 60
+    (out / MARKER).write_text(_report(table, budget, len(scenes), minutes, quick))
+    print()
+    print(table)
+    print(f"\nwrote {out / MARKER}, {out / 'grid.png'}, {out / 'tradeoff.png'}  ({minutes:.1f} min)")
+    return rows
+
+
+def _rows(results: list[Any]) -> list[dict[str, Any]]:
+    teacher = results[0]
+    return [{"model": r.name, "accuracy": r.accuracy, "accuracy_vs_teacher": r.accuracy / max(teacher.accuracy, 1e-9),
+             "agreement_with_teacher": r.agreement, "unet_params": r.unet_params, "unet_macs": r.unet_macs,
+             "seconds_per_image": r.seconds_per_image, **{f"check_{k}": v for k, v in r.scores.items()
+                                                          if k not in ("accuracy", "n")}}
+            for r in results]
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    from distill_sd.report import human, markdown_table
+
+    return markdown_table(
+        ["model", "accuracy", "vs teacher", "agrees with teacher", "U-Net params", "U-Net MACs", "s / image"],
+        [[r["model"], f"{100 * r['accuracy']:.1f} %", f"{100 * r['accuracy_vs_teacher']:.0f} %",
+          "-" if r["agreement_with_teacher"] is None else f"{100 * r['agreement_with_teacher']:.0f} %",
+          human(r["unet_params"]), human(r["unet_macs"]), f"{r['seconds_per_image']:.3f}"] for r in rows])
+
+
+def _report(table: str, budget: Budget, n_prompts: int, minutes: float, quick: bool) -> str:
+    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS
+
+    return f"""# distill-sd demo{' (quick)' if quick else ''}
+
+The shipped shapes teacher (SD-1 U-Net topology at narrow widths) distilled into the BK-SDM students,
+each for {budget.steps} steps x batch {budget.batch_size} on {budget.train_images} training images (recipe
+`balanced`, lr {budget.learning_rate}), then evaluated on {n_prompts} captions of **held-out compositions**
+(shape/colour pairs never seen in training), DPM++ {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}, seed
+{EVAL_SEED} + prompt index, the same noise for every model.
+
+{table}
+
+- accuracy: fraction of images whose objects, colours, shapes, sizes, positions and count all match the
+  caption, read exactly by the shapes scorer.
+- agrees with teacher: fraction of images whose detected objects (colour, shape, coarse position) equal those
+  of the teacher's image for the same prompt and seed.
+- U-Net MACs per forward at 64 px (a 16x16 latent), thop convention; s / image: median over batches of 16,
+  text encoder + {EVAL_STEPS} steps with CFG + VAE decode, on this machine's CPU.
+
+Whole run: {minutes:.1f} min. Reproduce: `distill-sd demo{' --quick' if quick else ''}`.
+
+![grid](grid.png)
+
+![trade-off](tradeoff.png)
+"""
+
+
+def grid(results: list[Any], scenes: list[Any], path: Path, columns: int = 6) -> None:
+    """Models as rows, the same held-out prompts and seeds as columns, captions on top."""
+    from PIL import Image, ImageDraw
+
+    cell, label_w, cap_h = 96, 90, 34
+    n = min(columns, len(scenes))
+    canvas = Image.new("RGB", (label_w + n * cell, cap_h + len(results) * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j in range(n):
+        words, lines = scenes[j].caption.split(), [""]
+        for w in words:  # wrap captions to the cell width
+            if len(lines[-1]) + len(w) > 16:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {w}".strip()
+        draw.multiline_text((label_w + j * cell + 2, 1), "\n".join(lines[:3]), fill="black", spacing=0)
+    for i, r in enumerate(results):
+        y = cap_h + i * cell
+        draw.text((4, y + cell // 2 - 12), f"{r.name}\n{100 * r.accuracy:.0f}% acc", fill="black")
+        for j in range(n):
+            canvas.paste(r.images[j].resize((cell - 4, cell - 4), Image.Resampling.NEAREST),
+                         (label_w + j * cell + 2, y + 2))
+    canvas.save(path)
+
+
+def tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["seconds_per_image"], 100 * r["accuracy"], s=20 + r["unet_params"] / 1e5,
+                   color="#555" if r["model"] == "teacher" else "#2a7")
+        ax.annotate(r["model"], (r["seconds_per_image"], 100 * r["accuracy"]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=9)
+    ax.set_xlabel("seconds per image (CPU)")
+    ax.set_ylabel("held-out compositional accuracy (%)")
+    ax.set_title("accuracy vs latency (marker size ~ U-Net params)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

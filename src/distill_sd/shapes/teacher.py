@@ -1,0 +1,105 @@
+"""The shipped shapes teacher: where it lives, and how to reproduce it from scratch.
+
+    python -m distill_sd.shapes.teacher --work /tmp/teacher-work --out src/distill_sd/shapes/assets/teacher
+
+runs every stage with the project's own commands' code: train the VAE (shapes.vae), assemble the kit
+(shapes.kit: CLIP tokenizer, frozen text encoder, VAE, scheduler, SD-1-topology U-Net config), export the
+training split as an image folder, cache latents and text embeddings (`distill-sd cache`), pretrain the U-Net
+(`distill-sd pretrain`), evaluate on held-out compositions and save the pipeline with fp16 weights (the
+repository budget is 25 MB; the weights load into fp32 models with stock diffusers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cli.py
+
+import torch  # noqa: E402
+
+from distill_sd.errors import UserError  # noqa: E402
+
+EVAL_SEED = 1234  # BK-SDM's evaluation seed
+EVAL_STEPS = 20
+EVAL_GUIDANCE = 4.0
+
+
+def teacher_dir() -> Path:
+    """The shipped teacher pipeline (diffusers format) inside the installed package."""
+    path = Path(str(resources.files("distill_sd"))) / "shapes" / "assets" / "teacher"
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"the shapes teacher is missing from {path}; reproduce it with "
+                        "`python -m distill_sd.shapes.teacher --out {path}`")
+    return path
+
+
+def save_half(pipe_dir: Path, out: Path) -> None:
+    """Copy a pipeline folder, storing every model's weights in fp16 (halves the shipped size)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(pipe_dir, out)
+    for f in out.rglob("*.safetensors"):
+        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(f).items()}
+        save_file(tensors, f, metadata={"format": "pt"})
+
+
+def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: int, seed: int = 0,
+                 learning_rate: float = 1e-3, vae_dir: Path | None = None, eval_prompts: int = 300) -> dict:
+    from distill_sd.cache import build_cache
+    from distill_sd.evaluate import evaluate
+    from distill_sd.models import check_new_output_dir, load_teacher
+    from distill_sd.shapes import export_image_folder, heldout_prompts
+    from distill_sd.shapes.kit import build_kit
+    from distill_sd.shapes.vae import train_vae
+    from distill_sd.train import TrainConfig, train
+
+    check_new_output_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    vae = vae_dir if vae_dir is not None else (work / "vae" if (work / "vae").is_dir() else train_vae(work / "vae"))
+    kit = work / "kit" if (work / "kit").is_dir() else build_kit(work / "kit", vae, seed=seed)
+    data = work / "data" if (work / "data").is_dir() else export_image_folder(work / "data", images, seed, "train")
+    if not (work / "cache").is_dir():
+        build_cache(load_teacher(kit).pipeline, str(kit), str(data), work / "cache", resolution=64, batch_size=64)
+    final = train(TrainConfig(
+        mode="pretrain", base=str(kit), cache=str(work / "cache"), out=str(work / "run"), seed=seed,
+        train_batch_size=batch_size, max_train_steps=steps, learning_rate=learning_rate,
+        lr_scheduler="cosine", lr_warmup_steps=min(500, steps // 10), proportion_empty_prompts=0.1,
+        mixed_precision="bf16", use_ema=True, ema_decay=0.999, checkpointing_steps=1000,
+        checkpoints_total_limit=2, resume_from_checkpoint="latest", report_to="tensorboard"))
+    save_half(final, out)
+    pipe = load_teacher(out).pipeline
+    from distill_sd.generate import set_scheduler
+
+    set_scheduler(pipe, "dpm++")
+    pipe.set_progress_bar_config(disable=True)
+    result = evaluate("teacher", pipe, heldout_prompts(eval_prompts, seed=EVAL_SEED), seed=EVAL_SEED,
+                      steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
+    summary = {"heldout_accuracy": result.accuracy, "scores": result.scores, "steps": steps, "images": images,
+               "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
+    (work / "teacher_eval.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="working folder (resumable: finished stages are reused)")
+    p.add_argument("--out", required=True, help="where the teacher pipeline is written")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--images", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", help="an already trained shapes VAE folder")
+    a = p.parse_args()
+    make_teacher(Path(a.work), Path(a.out), steps=a.steps, images=a.images, batch_size=a.batch_size,
+                 seed=a.seed, learning_rate=a.learning_rate, vae_dir=Path(a.vae) if a.vae else None)
+
+
+if __name__ == "__main__":
+    main()
