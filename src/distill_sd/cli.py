@@ -413,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             print(f"distill-sd {argv[0]}: error: {e}", file=sys.stderr)
             return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return int(e.code or 0)
     _quiet_libraries()
     try:
         args.fn(args)
