@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import UNet2DConditionModel
 
 from distill_sd.cli import main

@@ -22,7 +22,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from distill_sd import __version__
 from distill_sd.errors import UserError
 from distill_sd.measure import block_layout, count_macs, count_params, meta_unet
-from distill_sd.reference import ARCHS, ARCH_SPECS, text_encoder_configs, unet_config, vae_config
+from distill_sd.reference import ARCH_SPECS, ARCHS, text_encoder_configs, unet_config, vae_config
 
 METADATA_FILE = "distill_sd.json"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

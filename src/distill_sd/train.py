@@ -451,7 +451,6 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.report_to != "none":
             accelerator.init_trackers("distill-sd", config=_flat(asdict(cfg)))
 
-    text_cache: dict[str, Any] = {}
 
     def conditioning(batch: dict[str, Any], g: torch.Generator):
         """(latents, text conditioning) for a batch, from the cache or from the frozen encoders."""
