@@ -219,6 +219,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), quick=args.quick, steps=args.steps)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from distill_sd.app import serve
+
+    serve(args.model, args.compare, host=args.host, port=args.port, share=args.share, device=args.device,
+          dtype=args.dtype)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -378,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--plot", help="write a PNG bar chart here")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("serve", help="a Gradio web app; --compare shows teacher and student side by side")
+    s.add_argument("model", help="pipeline folder, .safetensors file or hub id")
+    s.add_argument("--compare", help="a second pipeline (the teacher), run from the same seed")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="distil the shipped shapes teacher into bk-base/small/tiny and evaluate them")
     s.add_argument("--out", default="demo-output", help="replaced if it holds a previous demo's output")
