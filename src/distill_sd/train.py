@@ -665,7 +665,8 @@ def _save_final(cfg: TrainConfig, models: Models, unet: torch.nn.Module, final_d
                 "kd_pairs": [list(p) for p in models.kd_pairs]}
         card = (f"# {cfg.mode} of `{models.base_source}`\n\nTrained by distill-sd {_version()}.\n\n"
                 + "\n".join(f"- {k}: {v}" for k, v in training.items()) + "\n")
-    save_pipeline(models.pipeline(unet).to("cpu"), final_dir, card=card, metadata=meta)
+    # frozen parts may have run in the mixed dtype: save everything in fp32, as the teacher was loaded
+    save_pipeline(models.pipeline(unet).to("cpu", dtype=torch.float32), final_dir, card=card, metadata=meta)
     print(f"saved {final_dir}  ({training['final losses']})")
 
 
