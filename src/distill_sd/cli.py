@@ -226,6 +226,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
           dtype=args.dtype)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from distill_sd.export import compare_outputs, comparison_lines, export_pipeline
+
+    out = export_pipeline(args.model, Path(args.out), fmt=args.format, opset=args.opset)
+    print(f"exported {args.model} -> {out} ({args.format})")
+    if not args.no_check:
+        for line in comparison_lines(compare_outputs(args.model, out, prompt="a red circle", steps=2,
+                                                      height=args.check_size, width=args.check_size)):
+            print(line)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -395,6 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto")
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("export", help="export a pipeline to ONNX or OpenVINO, then check it against PyTorch")
+    s.add_argument("model")
+    s.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    s.add_argument("--out", required=True)
+    s.add_argument("--opset", type=int, default=17)
+    s.add_argument("--check-size", type=_positive_multiple_of_8, default=64,
+                   help="image side for the PyTorch-vs-export check (small keeps it fast)")
+    s.add_argument("--no-check", action="store_true")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("demo", help="distil the shipped shapes teacher into bk-base/small/tiny and evaluate them")
     s.add_argument("--out", default="demo-output", help="replaced if it holds a previous demo's output")
