@@ -10,8 +10,6 @@ Storing the posterior rather than one sample keeps the VAE's sampling noise a pe
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 from distill_sd.conditioning import TextConditioning, encode_latent_dist, encode_text
 from distill_sd.data import DataStats, TrainingExamples, collate_skip_none, image_transform, open_dataset
 from distill_sd.errors import UserError
-from distill_sd.models import check_new_output_dir
+from distill_sd.models import new_output_dir
 
 SHARD_SIZE = 1024
 CACHE_VERSION = 1
@@ -34,17 +32,14 @@ def build_cache(pipe: Any, base: str, data: str, out: Path, *, resolution: int, 
                 batch_size: int = 8, image_column: str = "image", caption_column: str = "text",
                 allow_empty_captions: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Encode every readable example of `data`; returns the cache index (also written as cache.json)."""
-    check_new_output_dir(out)
     source = open_dataset(data, image_column=image_column, caption_column=caption_column,
                           allow_empty_captions=allow_empty_captions)
     examples = TrainingExamples(source, image_transform(resolution, center_crop=center_crop))
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=collate_skip_none)
     stats = DataStats()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     keys, caption_ids, captions = [], [], {"": 0}
     means, stds, shards = [], [], []
-    try:
+    with new_output_dir(out) as tmp:
         bar = tqdm(loader, desc="caching latents", unit="batch")
         for batch in bar:
             stats.count_batch(batch)
@@ -79,10 +74,6 @@ def build_cache(pipe: Any, base: str, data: str, out: Path, *, resolution: int, 
                  "caption_ids": caption_ids, "captions": texts, "skipped": stats.skipped_corrupt,
                  "skipped_examples": stats.skipped_examples}
         (tmp / "cache.json").write_text(json.dumps(index))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"cached {len(keys)} examples, {len(texts) - 1} distinct captions -> {out}  ({stats.summary()})")
     return index
 

@@ -49,7 +49,9 @@ def encode_latent_dist(pipe: DiffusionPipeline, pixels: torch.Tensor) -> tuple[t
     """Mean and std of the VAE posterior, unscaled; SDXL's VAE runs in fp32 where its config asks (force_upcast)."""
     vae = pipe.vae
     dtype = torch.float32 if getattr(vae.config, "force_upcast", False) else vae.dtype
-    dist = vae.to(dtype).encode(pixels.to(vae.device, dtype)).latent_dist
+    if vae.dtype != dtype:
+        vae.to(dtype)
+    dist = vae.encode(pixels.to(vae.device, dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 
 

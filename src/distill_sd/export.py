@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -150,7 +149,7 @@ def latent_multiple(meta: dict[str, Any]) -> int:
 
 def export_pipeline(model: str, out: Path, fmt: str = "onnx", opset: int = 17, dtype: str = "fp32") -> Path:
     """Export text encoder, U-Net and VAE decoder of an SD-1/SD-2 pipeline (teacher or student) to `out`."""
-    from distill_sd.models import check_new_output_dir, load_teacher, read_metadata
+    from distill_sd.models import check_new_output_dir, load_teacher, new_output_dir, read_metadata
 
     out = Path(out)
     _check_args(fmt, opset, dtype)
@@ -164,9 +163,7 @@ def export_pipeline(model: str, out: Path, fmt: str = "onnx", opset: int = 17, d
     for m in (pipe.text_encoder, pipe.unet, pipe.vae):
         m.eval()  # load_teacher gives fp32 weights
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with new_output_dir(out) as tmp:
         shapes = _export_components(pipe, tmp, int(opset))
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
         pipe.scheduler.save_pretrained(tmp / "scheduler")
@@ -194,12 +191,6 @@ def export_pipeline(model: str, out: Path, fmt: str = "onnx", opset: int = 17, d
         }
         meta["size_multiple"] = latent_multiple(meta)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # check_new_output_dir guaranteed it is empty
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,25 @@ def check_new_output_dir(out: Path) -> None:
     """Outputs never overwrite: an existing non-empty directory is an error before any work starts."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output '{out}' already exists and is not empty; choose a new path or remove it first")
+
+
+@contextmanager
+def new_output_dir(out: Path) -> Iterator[Path]:
+    """A hidden temp folder beside `out`, renamed to `out` only when the block completes.
+
+    A crash or kill mid-write leaves at most a hidden `.out-*` folder, never a half-written `out`.
+    """
+    check_new_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # check_new_output_dir guaranteed it is empty
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @dataclass
@@ -188,30 +209,18 @@ def _one_line(e: BaseException) -> str:
 
 def save_pipeline(pipe: DiffusionPipeline, out: Path, *, unet: UNet2DConditionModel | None = None,
                   card: str | None = None, metadata: dict[str, Any] | None = None) -> Path:
-    """Write `pipe` (with `unet` swapped in) to `out` atomically: a temp dir renamed into place at the end.
-
-    A crash or kill mid-write leaves at most a hidden `.out-*` temp dir, never a half-written `out`.
-    """
-    check_new_output_dir(out)
+    """Write `pipe` (with `unet` swapped in) to `out` atomically (see `new_output_dir`)."""
     components = dict(pipe.components)
     if unet is not None:
         components["unet"] = unet
     # Rebuilding the pipeline from components re-registers their configs (the student's own config).
     to_save = type(pipe)(**components)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with new_output_dir(out) as tmp:
         to_save.save_pretrained(tmp, safe_serialization=True)
         if card is not None:
             (tmp / "README.md").write_text(card)
         if metadata is not None:
             _write_json(tmp / METADATA_FILE, metadata)
-        if out.exists():
-            out.rmdir()  # check_new_output_dir guaranteed it is empty
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

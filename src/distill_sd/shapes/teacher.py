@@ -20,7 +20,6 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cli.py
 
-import torch  # noqa: E402
 
 from distill_sd.errors import UserError  # noqa: E402
 
@@ -69,7 +68,8 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
         mode="pretrain", base=str(kit), cache=str(work / "cache"), out=str(work / "run"), seed=seed,
         train_batch_size=batch_size, max_train_steps=steps, learning_rate=learning_rate,
         lr_scheduler="cosine", lr_warmup_steps=min(500, steps // 10), proportion_empty_prompts=0.1,
-        mixed_precision="bf16", use_ema=True, ema_decay=0.999, checkpointing_steps=1000,
+        mixed_precision="no",  # bf16 autocast measured 3x slower than fp32 at these widths on this CPU
+        use_ema=True, ema_decay=0.999, checkpointing_steps=500,
         checkpoints_total_limit=2, resume_from_checkpoint="latest", report_to="tensorboard"))
     save_half(final, out)
     pipe = load_teacher(out).pipeline

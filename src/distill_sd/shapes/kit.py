@@ -1,0 +1,149 @@
+"""The shapes teacher "kit": a complete SD-1-style pipeline directory that pretraining starts from.
+
+`build_kit` assembles a stock `StableDiffusionPipeline` (diffusers format, safetensors) whose frozen
+parts are final and whose U-Net is random: `distill-sd pretrain` then trains only the U-Net on the
+shapes world, and the result is a small teacher with SD-1's exact block topology, so block removal
+and distillation run on it exactly as on SD-1.5. Choices (and why):
+
+  * tokenizer: the real CLIP BPE tokenizer (49,408 tokens, 77 positions, pads with <|endoftext|>),
+    written from the vocabulary the package ships, so prompts are tokenised exactly as in SD-1.
+  * text encoder: a small `CLIPTextModel` (hidden 64, 2 layers, 4 heads, MLP 128, real vocabulary
+    and special-token ids), randomly initialised from `seed` and frozen. Shapes captions use a tiny
+    vocabulary; a random frozen encoder already maps each token (and, through causal attention, its
+    left context) to a distinct embedding, and the U-Net's cross-attention learns to read them. It
+    costs nothing to train and keeps the teacher's conditioning fixed across teacher and students,
+    as SD's frozen CLIP does.
+  * VAE: the shapes `AutoencoderKL` of `distill_sd.shapes.vae` (spatial factor 4: 64x64 images,
+    4x16x16 latents), with its measured `scaling_factor`.
+  * scheduler: `DDPMScheduler` with SD-1's training noise schedule (scaled_linear betas 0.00085 ->
+    0.012, 1000 steps, epsilon prediction, no sample clipping), so training and the distillation
+    code see SD's exact noise levels; any SD sampler can be swapped in for inference.
+  * U-Net: `UNet2DConditionModel` with SD-1's topology (down: 3 x CrossAttnDownBlock2D +
+    DownBlock2D; mid: UNetMidBlock2DCrossAttn; up: UpBlock2D + 3 x CrossAttnUpBlock2D; 2 layers per
+    block) at small widths (default 32, 64, 128, 128; GroupNorm 8 groups so every width divides),
+    4 attention heads, cross-attention width 64 (= the text encoder's hidden size), sample size 16
+    (the latent side: the pipeline's default output is 16 x 4 = 64 px), 4 in/out channels.
+  * no safety checker / feature extractor: there is nothing to filter in the shapes world and they
+    would need downloaded weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill_sd.errors import UserError
+
+SHAPES_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 4,  # diffusers' legacy name: SD-1 uses it as the number of heads
+    "block_out_channels": [32, 64, 128, 128],
+    "center_input_sample": False,
+    "cross_attention_dim": 64,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5,
+    "norm_num_groups": 8,
+    "out_channels": 4,
+    "sample_size": 16,
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+
+SHAPES_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 64,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+
+SHAPES_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "steps_offset": 1,
+}
+
+DEFAULT_VAE_DIR = Path(__file__).parent / "assets" / "vae"
+
+
+def shapes_unet_config(block_out_channels: tuple[int, ...] | list[int] | None = None,
+                       sample_size: int | None = None) -> dict[str, Any]:
+    """SHAPES_UNET_CONFIG, optionally with other widths (4 of them, each divisible by 8) or latent side."""
+    cfg = dict(SHAPES_UNET_CONFIG)
+    if block_out_channels is not None:
+        widths = [int(w) for w in block_out_channels]
+        if len(widths) != 4 or any(w <= 0 or w % cfg["norm_num_groups"] for w in widths):
+            raise UserError(f"U-Net widths must be 4 positive multiples of {cfg['norm_num_groups']}, got {widths}")
+        cfg["block_out_channels"] = widths
+    if sample_size is not None:
+        cfg["sample_size"] = int(sample_size)
+    return cfg
+
+
+def build_kit(out_dir: str | Path, vae_dir: str | Path | None = None, seed: int = 0,
+              block_out_channels: tuple[int, ...] | list[int] | None = None) -> Path:
+    """Write the shapes teacher kit (a StableDiffusionPipeline directory) to `out_dir` and return it.
+
+    `vae_dir` is a trained shapes VAE (default: the one shipped in distill_sd/shapes/assets/vae).
+    The text encoder and U-Net are randomly initialised from `seed`. Refuses a non-empty `out_dir`.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from distill_sd.models import save_pipeline
+    from distill_sd.reference import write_clip_tokenizer
+
+    out = Path(out_dir)
+    vae_path = Path(vae_dir) if vae_dir is not None else DEFAULT_VAE_DIR
+    if not (vae_path / "config.json").is_file():
+        raise UserError(f"no VAE at '{vae_path}': train one with `python -m distill_sd.shapes.vae --out DIR`")
+    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).eval()
+    vae.requires_grad_(False)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if vae.config.sample_size % vae_factor:
+        raise UserError(f"VAE sample_size {vae.config.sample_size} is not a multiple of its factor {vae_factor}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_clip_tokenizer(Path(tmp))
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SHAPES_TEXT_ENCODER_CONFIG)).eval()
+    text_encoder.requires_grad_(False)
+    torch.manual_seed(seed + 1)
+    unet_cfg = shapes_unet_config(block_out_channels, sample_size=vae.config.sample_size // vae_factor)
+    unet = UNet2DConditionModel.from_config(unet_cfg)
+    scheduler = DDPMScheduler.from_config(SHAPES_SCHEDULER_CONFIG)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    card = (
+        "# shapes teacher kit\n\n"
+        "Stable Diffusion 1 topology at small widths for the offline shapes world "
+        f"({vae.config.sample_size}x{vae.config.sample_size} images, "
+        f"{vae.config.latent_channels}x{unet_cfg['sample_size']}x{unet_cfg['sample_size']} latents).\n"
+        "Tokenizer, text encoder (random, frozen), VAE and scheduler are final; the U-Net is "
+        f"randomly initialised (seed {seed}) and is what `distill-sd pretrain` trains. "
+        "Written by `distill_sd.shapes.kit.build_kit`.\n"
+    )
+    return save_pipeline(pipe, out, card=card)

@@ -1,0 +1,40 @@
+"""The shipped shapes teacher and `distill-sd demo --quick` end to end."""
+
+from __future__ import annotations
+
+import json
+
+from distill_sd.cli import main
+from distill_sd.shapes.teacher import teacher_dir
+
+
+def test_shipped_teacher_is_small_and_loads_in_stock_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    path = teacher_dir()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20, f"{size / 2**20:.1f} MB"
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    assert pipe.unet.dtype.is_floating_point and len(pipe.unet.down_blocks) == 4
+    assert pipe.unet.config.down_block_types == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert len(pipe.tokenizer) == 49408
+
+
+def test_quick_demo_writes_report_grid_and_tradeoff(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["teacher", "bk-base", "bk-small", "bk-tiny"]
+    assert rows[0]["unet_params"] > rows[1]["unet_params"] > rows[2]["unet_params"] > rows[3]["unet_params"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows) and rows[0]["accuracy"] > 0.5
+    report = (out / "report.md").read_text()
+    assert "| bk-tiny" in report and "held-out" in report
+    for name in ("grid.png", "tradeoff.png"):
+        assert (out / name).stat().st_size > 2000
+    # re-running replaces a previous demo output, never a foreign folder
+    assert main(["demo", "--quick", "--out", str(out), "--steps", "1"]) == 0
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("keep")
+    assert main(["demo", "--quick", "--out", str(foreign)]) != 0
+    assert (foreign / "x.txt").read_text() == "keep"

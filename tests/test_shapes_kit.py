@@ -1,0 +1,92 @@
+"""Shapes VAE + teacher kit: a barely trained VAE gives the right latent shape, training is
+deterministic by seed, and the kit is a stock StableDiffusionPipeline that makes 64x64 images.
+
+Full-quality VAE training (minutes) is not run here; see distill_sd.shapes.vae.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from distill_sd.errors import UserError
+from distill_sd.shapes.kit import SHAPES_UNET_CONFIG, build_kit, shapes_unet_config
+from distill_sd.shapes.vae import image_pool, to_model_space, train_vae
+
+FAST = {"steps": 8, "batch_size": 4, "pool_size": 32, "threads": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    return train_vae(tmp_path_factory.mktemp("vae") / "vae", seed=3, **FAST)
+
+
+def test_vae_latent_shape_and_scaling(vae_dir):
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    assert (vae_dir / "diffusion_pytorch_model.safetensors").is_file()
+    assert len(vae.config.block_out_channels) == 3 and vae.config.latent_channels == 4
+    x = to_model_space(image_pool(2, seed=0, split="heldout"))
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        y = vae.decode(z).sample
+    assert z.shape == (2, 4, 16, 16)
+    assert y.shape == (2, 3, 64, 64)
+    scale = vae.config.scaling_factor
+    assert scale > 0 and scale != 1.0  # measured after training, not the config default
+    assert json.loads((vae_dir / "training.json").read_text())["seed"] == 3
+
+
+def test_train_vae_deterministic(vae_dir, tmp_path):
+    threads = torch.get_num_threads()
+    again = train_vae(tmp_path / "again", seed=3, **FAST)
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
+    other = train_vae(tmp_path / "other", seed=4, **FAST)
+    name = "diffusion_pytorch_model.safetensors"
+    a, b, c = (load_file(d / name) for d in (vae_dir, again, other))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_train_vae_rejects_bad_input(vae_dir, tmp_path):
+    with pytest.raises(UserError):
+        train_vae(tmp_path / "v", size=30, **FAST)
+    with pytest.raises(UserError):
+        train_vae(vae_dir, **FAST)  # never overwrites a trained VAE
+
+
+def test_kit_is_a_stock_sd1_pipeline(vae_dir, tmp_path):
+    kit = build_kit(tmp_path / "kit", vae_dir, seed=0)
+    pipe = StableDiffusionPipeline.from_pretrained(kit)
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    unet = pipe.unet.config
+    assert list(unet.down_block_types) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert list(unet.up_block_types) == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    assert unet.mid_block_type == "UNetMidBlock2DCrossAttn" and unet.layers_per_block == 2
+    assert unet.sample_size == 16 and unet.cross_attention_dim == pipe.text_encoder.config.hidden_size == 64
+    assert list(unet.block_out_channels) == SHAPES_UNET_CONFIG["block_out_channels"]
+    sched = pipe.scheduler.config
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+    assert (sched.beta_start, sched.beta_end, sched.beta_schedule, sched.num_train_timesteps,
+            sched.prediction_type) == (0.00085, 0.012, "scaled_linear", 1000, "epsilon")
+    assert pipe.tokenizer.model_max_length == 77 and len(pipe.tokenizer) == 49408
+    assert pipe.vae_scale_factor == 4
+    out = pipe("a red circle", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_kit_seeded_text_encoder_and_widths(vae_dir, tmp_path):
+    a = build_kit(tmp_path / "a", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64])
+    b = build_kit(tmp_path / "b", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64])
+    te_a, te_b = (load_file(d / "text_encoder" / "model.safetensors") for d in (a, b))
+    assert all(torch.equal(te_a[k], te_b[k]) for k in te_a)
+    assert json.loads((a / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32, 64, 64]
+    with pytest.raises(UserError):
+        build_kit(tmp_path / "a", vae_dir)  # refuses a non-empty output directory
+    with pytest.raises(UserError):
+        shapes_unet_config([32, 64, 128])
