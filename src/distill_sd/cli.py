@@ -216,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
-    run_demo(Path(args.out), quick=args.quick, steps=args.steps)
+    run_demo(Path(args.out), quick=args.quick, steps=args.steps, teacher=args.teacher)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="distil the shipped shapes teacher into bk-base/small/tiny and evaluate them")
     s.add_argument("--out", default="demo-output", help="replaced if it holds a previous demo's output")
     s.add_argument("--quick", action="store_true", help="a ~1-minute version (few steps, few prompts)")
-    s.add_argument("--steps", type=int, help="distillation steps per student (default: 600, --quick: 30)")
+    s.add_argument("--steps", type=int, help="distillation steps per student (default: 150, --quick: 20)")
+    s.add_argument("--teacher", help="another shapes teacher folder (default: the shipped one)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("inspect", help="params, MACs and block layout of pipelines or U-Nets")

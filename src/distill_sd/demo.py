@@ -30,12 +30,12 @@ class Budget:
     eval_prompts: int
 
 
-FULL = Budget(train_images=4096, steps=600, batch_size=32, learning_rate=5e-4, eval_prompts=120)
-QUICK = Budget(train_images=256, steps=30, batch_size=16, learning_rate=5e-4, eval_prompts=16)
+FULL = Budget(train_images=4096, steps=150, batch_size=16, learning_rate=5e-4, eval_prompts=96)
+QUICK = Budget(train_images=256, steps=20, batch_size=16, learning_rate=5e-4, eval_prompts=16)
 
 
 def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUDENTS, seed: int = 0,
-             steps: int | None = None) -> list[dict[str, Any]]:
+             steps: int | None = None, teacher: str | None = None) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from distill_sd.cache import build_cache
@@ -50,7 +50,7 @@ def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUD
     budget = QUICK if quick else FULL
     if steps is not None:
         budget = Budget(budget.train_images, steps, budget.batch_size, budget.learning_rate, budget.eval_prompts)
-    teacher_path = teacher_dir()
+    teacher_path = Path(teacher) if teacher else teacher_dir()
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise UserError(f"'{out}' exists and is not a previous demo output; choose another --out")
