@@ -16,6 +16,7 @@ CPU ends bit-identical to a run that never stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -424,8 +425,8 @@ def train(cfg: TrainConfig) -> Path:
     # -- optimiser and schedule -----------------------------------------------------------------------------
     lr = cfg.learning_rate * (cfg.gradient_accumulation_steps * cfg.train_batch_size *
                               accelerator.num_processes if cfg.scale_lr else 1)
-    optimizer = _optimizer(cfg, lr)(student.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                    weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    optimizer = _optimizer(cfg, student, device)(student.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                                 weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
@@ -579,8 +580,13 @@ def train(cfg: TrainConfig) -> Path:
     return final_dir
 
 
-def _optimizer(cfg: TrainConfig, lr: float):
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
+    """AdamW, fused where torch has a fused kernel (CPU, CUDA): one pass over the weights and no
+    parameter-sized temporaries (the default foreach path allocates several), so faster and leaner."""
     if not cfg.use_8bit_adam:
+        if device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                                  for p in model.parameters()):
+            return functools.partial(torch.optim.AdamW, fused=True)
         return torch.optim.AdamW
     try:
         import bitsandbytes as bnb
