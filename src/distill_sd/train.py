@@ -365,8 +365,8 @@ def train(cfg: TrainConfig) -> Path:
     resolution = cfg.resolution or student.config.sample_size * _vae_scale(base)
     scaling_factor = base.vae.config.scaling_factor
 
-    # Frozen parts: eval, no grad, in the mixed dtype. With a cache, the VAE encoder and text encoders are
-    # not needed at all during training: they stay on the CPU (validation moves them when it runs).
+    # Frozen parts: eval, no grad, in the mixed dtype. With a cache, the VAE and text encoders are not needed
+    # during training at all: they are released, and reloaded from their source for validation and saving.
     encoders = [m for m in (base.vae, getattr(base, "text_encoder", None), getattr(base, "text_encoder_2", None))
                 if m is not None]
     for m in [*encoders, teacher]:
