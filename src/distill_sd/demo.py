@@ -13,11 +13,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distill_sd.errors import UserError
 
+if TYPE_CHECKING:
+    from distill_sd.evaluate import EvalResult
+    from distill_sd.train import TrainConfig
+
 STUDENTS = ("bk-base", "bk-small", "bk-tiny")
+RESOLUTION = 64  # pixels: training cache and MACs (the shapes world's image size)
 MARKER = "report.md"  # a folder holding this is a previous demo's output and may be replaced
 
 
@@ -38,14 +43,9 @@ def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUD
              steps: int | None = None, teacher: str | None = None) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from distill_sd.cache import build_cache
-    from distill_sd.evaluate import evaluate
-    from distill_sd.generate import set_scheduler
-    from distill_sd.measure import count_macs, count_params, meta_unet
-    from distill_sd.models import load_teacher
-    from distill_sd.shapes import export_image_folder, heldout_prompts
-    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS, teacher_dir
-    from distill_sd.train import TrainConfig, train
+    from distill_sd.shapes import export_image_folder
+    from distill_sd.shapes.teacher import teacher_dir
+    from distill_sd.train import train
 
     budget = QUICK if quick else FULL
     if steps is not None:
@@ -60,32 +60,20 @@ def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUD
 
     print(f"1/4 shapes world: {budget.train_images} training images (held-out compositions excluded)")
     data = export_image_folder(work / "data", budget.train_images, seed, "train")
-    teacher = load_teacher(teacher_path)
     print("2/4 caching latents and text embeddings with the teacher's VAE and text encoder")
-    build_cache(teacher.pipeline, str(teacher_path), str(data), work / "cache", resolution=64, batch_size=64)
+    cache = cache_data(teacher_path, data, work / "cache")
 
     finals = {}
     for i, name in enumerate(students):
         print(f"3/4 distilling {name} ({i + 1}/{len(students)}): {budget.steps} steps x {budget.batch_size}")
-        finals[name] = train(TrainConfig(
-            mode="distill", teacher=str(teacher_path), student=name, cache=str(work / "cache"),
-            out=str(work / f"run-{name}"), seed=seed, train_batch_size=budget.batch_size,
-            max_train_steps=budget.steps, learning_rate=budget.learning_rate, lr_scheduler="constant",
-            recipe="balanced", checkpointing_steps=max(budget.steps, 1), report_to="none"))
+        finals[name] = train(distill_config(teacher_path, name, cache, work / f"run-{name}", budget, seed))
 
-    scenes = heldout_prompts(budget.eval_prompts, seed=EVAL_SEED)
+    scenes = eval_scenes(budget.eval_prompts)
     models = [("teacher", teacher_path)] + [(n, finals[n]) for n in students]
     results = []
     bar = tqdm(total=len(scenes) * len(models), desc="4/4 evaluating on held-out compositions", unit="image")
     for name, path in models:
-        pipe = load_teacher(path).pipeline
-        set_scheduler(pipe, "dpm++")
-        pipe.set_progress_bar_config(disable=True)
-        r = evaluate(name, pipe, scenes, seed=EVAL_SEED, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
-                     reference=results[0] if results else None, progress=bar)
-        r.unet_params = count_params(pipe.unet)
-        r.unet_macs = count_macs(meta_unet(pipe.unet.config), 64, pipe.vae_scale_factor)
-        results.append(r)
+        results.append(evaluate_model(name, path, scenes, reference=results[0] if results else None, progress=bar))
     bar.close()
 
     rows = _rows(results)
@@ -99,6 +87,57 @@ def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUD
     print(table)
     print(f"\nwrote {out / MARKER}, {out / 'grid.png'}, {out / 'tradeoff.png'}  ({minutes:.1f} min)")
     return rows
+
+
+def cache_data(teacher_path: Path, data: Path, out: Path) -> Path:
+    """Latents and text embeddings of an exported split, made once with the teacher's VAE and text encoder."""
+    from distill_sd.cache import build_cache
+    from distill_sd.models import load_teacher
+
+    build_cache(load_teacher(teacher_path).pipeline, str(teacher_path), str(data), out, resolution=RESOLUTION,
+                batch_size=64)
+    return out
+
+
+def distill_config(teacher_path: Path, student: str, cache: Path, out: Path, budget: Budget, seed: int,
+                   **overrides: Any) -> TrainConfig:
+    """The demo's distillation run (recipe `balanced`, constant lr, one final checkpoint); `overrides` replace
+    TrainConfig fields, e.g. loss_out=0.0 for an ablation."""
+    from distill_sd.train import TrainConfig
+
+    options: dict[str, Any] = dict(
+        mode="distill", teacher=str(teacher_path), student=student, cache=str(cache), out=str(out), seed=seed,
+        train_batch_size=budget.batch_size, max_train_steps=budget.steps, learning_rate=budget.learning_rate,
+        lr_scheduler="constant", recipe="balanced", checkpointing_steps=max(budget.steps, 1), report_to="none")
+    return TrainConfig(**{**options, **overrides})
+
+
+def eval_scenes(n: int) -> list[Any]:
+    """The held-out compositions every model is scored on (the same ones for a given n)."""
+    from distill_sd.shapes import heldout_prompts
+    from distill_sd.shapes.teacher import EVAL_SEED
+
+    return heldout_prompts(n, seed=EVAL_SEED)
+
+
+def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalResult | None = None,
+                   progress: Any = None) -> EvalResult:
+    """One pipeline's images of `scenes` (DPM++, the teacher's eval steps, guidance and seed), scored exactly;
+    agreement is measured against `reference` (the teacher's result) when given."""
+    from distill_sd.evaluate import evaluate
+    from distill_sd.generate import set_scheduler
+    from distill_sd.measure import count_macs, count_params, meta_unet
+    from distill_sd.models import load_teacher
+    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS
+
+    pipe = load_teacher(path).pipeline
+    set_scheduler(pipe, "dpm++")
+    pipe.set_progress_bar_config(disable=True)
+    r = evaluate(name, pipe, scenes, seed=EVAL_SEED, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
+                 reference=reference, progress=progress)
+    r.unet_params = count_params(pipe.unet)
+    r.unet_macs = count_macs(meta_unet(pipe.unet.config), RESOLUTION, pipe.vae_scale_factor)
+    return r
 
 
 def _rows(results: list[Any]) -> list[dict[str, Any]]:
