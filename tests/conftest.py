@@ -23,3 +23,19 @@ def narrow_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("narrow")
     return {arch: save_pipeline(reference_pipeline(arch, narrow=True, seed=1), root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(autouse=True)
+def _default_sigchld():
+    """Undo torch's process-wide SIGCHLD handler after a test that used DataLoader workers.
+
+    torch installs a Python SIGCHLD handler for worker processes and never removes it. Later, when a test kills a
+    child process, the handler is invoked on the main thread; on this AMX machine (after OpenVINO/oneDNN ran bf16
+    kernels in-process) the kernel could not build the signal frame and the whole test process died with
+    SIGSEGV (si_code SI_KERNEL, in waitpid). Tests that spawn no workers need no SIGCHLD handler.
+    """
+    import signal
+
+    yield
+    if signal.getsignal(signal.SIGCHLD) not in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -37,10 +37,17 @@ class Variant:
                 "peak_rss_increase_mb": med(self.peak_mb), "runs": len(self.step_s)}
 
 
-def load_for_bench(model: str, dtype: str, narrow: bool = False) -> Any:
-    """A pipeline on the CPU in `dtype` with the fast-path layout (channels-last, SDPA)."""
+def load_for_bench(model: str, dtype: str, narrow: bool = False, shared: dict | None = None) -> Any:
+    """A pipeline on the CPU in `dtype` with the fast-path layout (channels-last, SDPA).
+
+    `ref:` variants of one architecture and dtype share one random-weight reference pipeline through `shared`:
+    students are built from its U-Net and reuse its text encoder and VAE (full-size SD-1.5 students in fp32 and
+    bf16 then fit in memory side by side).
+    """
     from distill_sd.generate import DTYPES, load_pipeline, optimize, set_scheduler
 
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype entries must be among {', '.join(DTYPES)}, got {dtype}")
     if not model.startswith("ref:"):
         return load_pipeline(model, device="cpu", dtype=dtype, scheduler="dpm++")
     from distill_sd.reference import reference_pipeline
@@ -48,14 +55,18 @@ def load_for_bench(model: str, dtype: str, narrow: bool = False) -> Any:
     from distill_sd.surgery import build_student, plan_student
 
     parts = model.split(":")
-    pipe = reference_pipeline(parts[1], narrow=narrow)
+    shared = {} if shared is None else shared
+    key = (parts[1], narrow, dtype)
+    if key not in shared:
+        shared[key] = optimize(reference_pipeline(parts[1], narrow=narrow), torch.device("cpu"), DTYPES[dtype])
+    pipe = shared[key]
     if len(parts) == 3:
         plan = plan_student(pipe.unet.config, get_spec(parts[2]))
         unet, _ = build_student(pipe.unet, plan)
         pipe = type(pipe)(**{**pipe.components, "unet": unet})
+    else:
+        pipe = type(pipe)(**pipe.components)  # own scheduler state; shared weights
     set_scheduler(pipe, "dpm++")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype entries must be among {', '.join(DTYPES)}, got {dtype}")
     return optimize(pipe, torch.device("cpu"), DTYPES[dtype])
 
 
@@ -118,8 +129,9 @@ def run_bench(models: list[str], dtypes: list[str], *, resolution: int, steps: i
     from distill_sd.measure import count_macs, count_params, meta_unet
 
     variants = [Variant(m, d) for m in models for d in dtypes]
+    shared: dict = {}
     for v in tqdm(variants, desc="loading", disable=not progress):
-        v.pipe = load_for_bench(v.model, v.dtype, narrow)
+        v.pipe = load_for_bench(v.model, v.dtype, narrow, shared)
         v.pipe.set_progress_bar_config(disable=True)
         v.unet_params = count_params(v.pipe.unet)
         v.unet_macs = count_macs(meta_unet(v.pipe.unet.config), resolution, v.pipe.vae_scale_factor)
