@@ -153,9 +153,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
     from distill_sd.report import human, markdown_table
 
     return markdown_table(
-        ["model", "accuracy", "vs teacher", "agrees with teacher", "U-Net params", "U-Net MACs", "s / image"],
+        ["model", "accuracy", "vs teacher", "agrees with teacher", "colour / shape / position ok", "U-Net params",
+         "U-Net MACs", "s / image"],
         [[r["model"], f"{100 * r['accuracy']:.1f} %", f"{100 * r['accuracy_vs_teacher']:.0f} %",
           "-" if r["agreement_with_teacher"] is None else f"{100 * r['agreement_with_teacher']:.0f} %",
+          " / ".join(f"{100 * r[f'check_{k}']:.0f} %" for k in ("colour", "shape", "position")),
           human(r["unet_params"]), human(r["unet_macs"]), f"{r['seconds_per_image']:.3f}"] for r in rows])
 
 
@@ -174,6 +176,8 @@ each for {budget.steps} steps x batch {budget.batch_size} on {budget.train_image
 
 - accuracy: fraction of images whose objects, colours, shapes, sizes, positions and count all match the
   caption, read exactly by the shapes scorer.
+- colour / shape / position ok: the scorer's separate checks (each over all images), which show what a
+  partly right image gets right.
 - agrees with teacher: fraction of images whose detected objects (colour, shape, coarse position) equal those
   of the teacher's image for the same prompt and seed.
 - U-Net MACs per forward at 64 px (a 16x16 latent), thop convention; s / image: median over batches of 16,
