@@ -25,7 +25,8 @@ CPU s/step (user + sys of the process between two history lines) is reported nex
 shared cores it moves far less than wall time. The reference loop also records per-phase wall times.
 
     python benchmarks/kd_step.py                      # defaults: full-width SD-1.5, 128 px, batch 2 (~15-25 min)
-    python benchmarks/kd_step.py --extra              # + "ours-fp32": ours with --mixed_precision no
+    python benchmarks/kd_step.py --extra              # + "ours-fp32" (--mixed_precision no) and "ours-tbf16"
+                                                      #   (--mixed_precision no --teacher_dtype bf16)
     python benchmarks/kd_step.py --narrow --resolution 64 --steps 4 --warmup 2 --runs 2   # smoke test, ~1 min
 """
 
@@ -51,10 +52,13 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ("ours", "ref")  # always measured; --extra adds "ours-fp32" (same command, --mixed_precision no)
+VARIANTS = ("ours", "ref")  # always measured; --extra adds EXTRA (the same command with other precision flags)
+EXTRA = {"ours-fp32": ["--mixed_precision", "no"],
+         "ours-tbf16": ["--mixed_precision", "no", "--teacher_dtype", "bf16"]}
 REF_PHASES = ("data", "vae_and_text_encode", "student_fwd", "teacher_fwd", "loss_and_backward", "clip_and_adamw")
 LABELS = {"ours": "ours (cache + bf16, distill-sd distill)", "ref": "reference-style (fp32, encoders every step)",
-          "ours-fp32": "ours with --mixed_precision no (cache, fp32)"}
+          "ours-fp32": "ours with --mixed_precision no (cache, fp32)",
+          "ours-tbf16": "ours, fp32 student + bf16 teacher (--mixed_precision no --teacher_dtype bf16)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="teacher, dataset and runs live here; teacher and dataset are reused if present")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where kd_step.md/.json go")
     p.add_argument("--extra", action="store_true",
-                   help="also measure ours-fp32 (ours with --mixed_precision no), interleaved with the others")
+                   help="also measure ours-fp32 and ours-tbf16 (fp32 student, bf16 teacher), interleaved")
     p.add_argument("--keep-runs", action="store_true", help="keep each ours run's checkpoint and final pipeline")
     p.add_argument("--reference-run", metavar="OUT", help=argparse.SUPPRESS)  # internal: one reference-style run
     p.add_argument("--teacher", help=argparse.SUPPRESS)
@@ -355,16 +359,16 @@ def main(argv: list[str] | None = None) -> None:
 
     common = ["--max_train_steps", str(args.steps), "--train_batch_size", str(args.batch),
               "--resolution", str(args.resolution), "--seed", str(args.seed)]
-    variants = (*VARIANTS, "ours-fp32") if args.extra else VARIANTS
+    variants = (*VARIANTS, *EXTRA) if args.extra else VARIANTS
     results: dict[str, list[dict]] = {v: [] for v in variants}
     commands = {}
     for r in range(args.runs):
         for variant in variants:  # interleaved: ours, ref, ours, ref, ...
             out = runs_dir / f"{variant}-{r}"
             if variant.startswith("ours"):
-                precision = "no" if variant == "ours-fp32" else "bf16"
+                precision = EXTRA.get(variant, ["--mixed_precision", "bf16"])
                 cmd = cli("distill", "--teacher", str(teacher), "--student", "bk-tiny", "--cache", str(cache),
-                          "--recipe", "bk-sdm", "--mixed_precision", precision, "--report_to", "none", "--no-progress",
+                          "--recipe", "bk-sdm", *precision, "--report_to", "none", "--no-progress",
                           "--checkpointing_steps", "1000000", "--out", str(out), *common)
             else:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--reference-run", str(out),
@@ -443,13 +447,14 @@ def summarise(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
         "loss_rel_diff_per_step_median": statistics.median(paired_loss),
         "loss_rel_diff_per_step_max": max(paired_loss),
     }
-    if "ours-fp32" in results:
-        f = s["ours-fp32"]
-        s["ratios"]["time_ours_fp32_over_ref"] = f["median_s_per_step"] / r["median_s_per_step"]
-        s["ratios"]["time_ours_fp32_paired"] = statistics.median(
-            a["median_sec"] / b["median_sec"] for a, b in zip(results["ours-fp32"], results["ref"]))
-        s["ratios"]["train_peak_ours_fp32_over_ref"] = f["train_peak_mb"] / r["train_peak_mb"]
-        s["ratios"]["loss_ours_fp32_rel_diff"] = (f["median_loss"] - r["median_loss"]) / r["median_loss"]
+    for v in EXTRA:
+        if v in results:
+            f, key = s[v], v.replace("-", "_")
+            s["ratios"][f"time_{key}_over_ref"] = f["median_s_per_step"] / r["median_s_per_step"]
+            s["ratios"][f"time_{key}_paired"] = statistics.median(
+                a["median_sec"] / b["median_sec"] for a, b in zip(results[v], results["ref"]))
+            s["ratios"][f"train_peak_{key}_over_ref"] = f["train_peak_mb"] / r["train_peak_mb"]
+            s["ratios"][f"loss_{key}_rel_diff"] = (f["median_loss"] - r["median_loss"]) / r["median_loss"]
     s["goals"] = {"speed (ours >= 1.5x faster)": s["ratios"]["speedup_ref_over_ours"] >= 1.5,
                   "memory (ours <= 0.7x train peak)": s["ratios"]["train_peak_ours_over_ref"] <= 0.7}
     return s
@@ -488,14 +493,14 @@ def markdown(rep: dict) -> str:
                  f"speed-up {ratios['speedup_ref_over_ours']:.2f}x) | | | {_f(ratios['cpu_time_ours_over_ref'])}x | "
                  f"**{ratios['train_peak_ours_over_ref']:.2f}x** | "
                  f"{ratios['process_peak_ours_over_ref']:.2f}x | {ratios['loss_rel_diff_of_medians']:+.1%} | |")
-    if "ours-fp32" in s:
-        f, r = s["ours-fp32"], s["ref"]
+    for v in [v for v in EXTRA if v in s]:
+        f, r, key = s[v], s["ref"], v.replace("-", "_")
         cpu = (f["median_cpu_s_per_step"] / r["median_cpu_s_per_step"]
                if f["median_cpu_s_per_step"] and r["median_cpu_s_per_step"] else None)
-        lines.append(f"| ours-fp32 / ref | {ratios['time_ours_fp32_over_ref']:.2f}x "
-                     f"(paired {ratios['time_ours_fp32_paired']:.2f}x) "
-                     f"| | | {_f(cpu)}x | {ratios['train_peak_ours_fp32_over_ref']:.2f}x | "
-                     f"{f['process_peak_mb'] / r['process_peak_mb']:.2f}x | {ratios['loss_ours_fp32_rel_diff']:+.1%} | |")
+        lines.append(f"| {v} / ref | {ratios[f'time_{key}_over_ref']:.2f}x "
+                     f"(paired {ratios[f'time_{key}_paired']:.2f}x) "
+                     f"| | | {_f(cpu)}x | {ratios[f'train_peak_{key}_over_ref']:.2f}x | "
+                     f"{f['process_peak_mb'] / r['process_peak_mb']:.2f}x | {ratios[f'loss_{key}_rel_diff']:+.1%} | |")
     lines += [
         "",
         f"- Goals: ours >= 1.5x faster: **{'met' if s['goals']['speed (ours >= 1.5x faster)'] else 'NOT met'}** "

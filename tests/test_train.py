@@ -69,6 +69,22 @@ def test_killed_run_resumes_bit_identical(narrow_dirs, shapes, tmp_path):
     assert fingerprint(_unet(killed)) == fingerprint(_unet(straight))
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_bf16_teacher_with_fp32_student(narrow_dirs, shapes, tmp_path, arch):
+    """--teacher_dtype bf16 --mixed_precision no: the teacher's losses move by bf16 rounding, not more."""
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        argv = _args(narrow_dirs[arch], shapes, tmp_path / dtype, 1, "--mixed_precision", "no", "--teacher_dtype", dtype)
+        if arch == "sdxl":
+            argv[argv.index("bk-tiny")] = "vega"
+        assert main(argv) == 0
+        out[dtype] = json.loads((tmp_path / dtype / "history.jsonl").read_text().splitlines()[0])
+    for term in ("out", "feat"):
+        a, b = out["fp32"][term], out["bf16"][term]
+        assert a != b and abs(a - b) / abs(a) < 0.05, (term, a, b)
+    assert out["fp32"]["task"] == out["bf16"]["task"]  # the student itself is untouched
+
+
 @pytest.mark.parametrize("arch", ["sd21", "sdxl"])
 def test_v_prediction_and_sdxl_teachers_distil(narrow_dirs, shapes, tmp_path, arch):
     student = "bk-small" if arch == "sd21" else "vega"

@@ -260,6 +260,8 @@ _TRAIN_HELP = {
     "resume_from_checkpoint": "latest, or a checkpoint folder",
     "report_to": "tensorboard (default), wandb, all, or none",
     "mixed_precision": "no | fp16 | bf16 (default: accelerate's config)",
+    "teacher_dtype": "fp32 | fp16 | bf16: the frozen teacher's weights (default: the --mixed_precision dtype); "
+                     "bf16 with --mixed_precision no is fastest on CPUs with AMX",
     "proportion_empty_prompts": "fraction of captions replaced by the empty prompt (for classifier-free guidance)",
 }
 

@@ -101,6 +101,7 @@ class TrainConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     proportion_empty_prompts: float = 0.0
+    teacher_dtype: str | None = None
     progress: bool = True
 
     def resolved(self) -> TrainConfig:
@@ -141,6 +142,8 @@ class TrainConfig:
             raise UserError("--ema_decay must be in (0, 1)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError("--snr_gamma must be > 0")
+        if self.teacher_dtype not in (None, "fp32", "fp16", "bf16"):
+            raise UserError(f"--teacher_dtype must be fp32, fp16 or bf16, got {self.teacher_dtype}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision}")
         if (self.data is None) == (self.cache is None):
@@ -218,6 +221,15 @@ def list_checkpoints(out: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETE_MARKER).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors of a (nested) U-Net kwargs dict in `dtype`; everything else as is."""
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
 
 
 def resolve_resume(out: Path, value: str | None) -> Path | None:
@@ -355,6 +367,10 @@ def train(cfg: TrainConfig) -> Path:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # The frozen teacher may run in a lower precision than the student: on CPUs whose bf16 is fast for inference
+    # but whose autocast backward is slow, a bf16 teacher with an fp32 student is the fastest, leanest choice.
+    teacher_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        cfg.teacher_dtype, weight_dtype)
 
     models = load_models(cfg)
     base, student, teacher = models.base, models.student, models.teacher
@@ -373,7 +389,7 @@ def train(cfg: TrainConfig) -> Path:
         if m is not None:
             m.requires_grad_(False).eval()
     if teacher is not None:
-        teacher.to(device, dtype=weight_dtype)
+        teacher.to(device, dtype=teacher_dtype)
     if cfg.cache is None:
         for m in encoders:  # the VAE upcasts itself where its config asks (conditioning.encode_latent_dist)
             m.to(device, dtype=weight_dtype)
@@ -494,7 +510,7 @@ def train(cfg: TrainConfig) -> Path:
         teacher_pred, s_feats, t_feats = None, [], []
         if distilling:
             with torch.no_grad(), accelerator.autocast():
-                teacher_pred = teacher(noisy.to(weight_dtype), timesteps, **kwargs).sample
+                teacher_pred = teacher(noisy.to(teacher_dtype), timesteps, **_cast(kwargs, teacher_dtype)).sample
             if use_feats:
                 s_feats, t_feats = s_taps.take(), t_taps.take()
         snr_w = None
