@@ -37,7 +37,8 @@ class Variant:
                 "peak_rss_increase_mb": med(self.peak_mb), "runs": len(self.step_s)}
 
 
-def load_for_bench(model: str, dtype: str, narrow: bool = False, shared: dict | None = None) -> Any:
+def load_for_bench(model: str, dtype: str, narrow: bool = False, shared: dict | None = None,
+                   compile: bool = False) -> Any:
     """A pipeline on the CPU in `dtype` with the fast-path layout (channels-last, SDPA).
 
     `ref:` variants of one architecture and dtype share one random-weight reference pipeline through `shared`:
@@ -49,7 +50,7 @@ def load_for_bench(model: str, dtype: str, narrow: bool = False, shared: dict | 
     if dtype not in DTYPES:
         raise UserError(f"--dtype entries must be among {', '.join(DTYPES)}, got {dtype}")
     if not model.startswith("ref:"):
-        return load_pipeline(model, device="cpu", dtype=dtype, scheduler="dpm++")
+        return load_pipeline(model, device="cpu", dtype=dtype, scheduler="dpm++", compile=compile)
     from distill_sd.reference import reference_pipeline
     from distill_sd.students import get_spec
     from distill_sd.surgery import build_student, plan_student
@@ -67,7 +68,7 @@ def load_for_bench(model: str, dtype: str, narrow: bool = False, shared: dict | 
     else:
         pipe = type(pipe)(**pipe.components)  # own scheduler state; shared weights
     set_scheduler(pipe, "dpm++")
-    return optimize(pipe, torch.device("cpu"), DTYPES[dtype])
+    return optimize(pipe, torch.device("cpu"), DTYPES[dtype], compile=compile)
 
 
 class PeakRSS:
@@ -123,7 +124,8 @@ def image_seconds(pipe: Any, resolution: int, steps: int, batch: int) -> float:
 
 
 def run_bench(models: list[str], dtypes: list[str], *, resolution: int, steps: int, batch: int, runs: int,
-              unet_runs: int, narrow: bool = False, whole_image: bool = True, progress: bool = True) -> list[Variant]:
+              unet_runs: int, narrow: bool = False, whole_image: bool = True, progress: bool = True,
+              compile: bool = False) -> list[Variant]:
     from tqdm.auto import tqdm
 
     from distill_sd.measure import count_macs, count_params, meta_unet
@@ -131,7 +133,7 @@ def run_bench(models: list[str], dtypes: list[str], *, resolution: int, steps: i
     variants = [Variant(m, d) for m in models for d in dtypes]
     shared: dict = {}
     for v in tqdm(variants, desc="loading", disable=not progress):
-        v.pipe = load_for_bench(v.model, v.dtype, narrow, shared)
+        v.pipe = load_for_bench(v.model, v.dtype, narrow, shared, compile)
         v.pipe.set_progress_bar_config(disable=True)
         v.unet_params = count_params(v.pipe.unet)
         v.unet_macs = count_macs(meta_unet(v.pipe.unet.config), resolution, v.pipe.vae_scale_factor)

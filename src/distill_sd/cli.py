@@ -201,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise UserError(f"model '{m}' not found (a pipeline folder, or ref:sd15, ref:sd15:bk-tiny, ...)")
     rows = rows_of(run_bench(args.model, dtypes, resolution=args.resolution, steps=args.steps, batch=args.batch,
                              runs=args.runs, unet_runs=args.unet_runs, narrow=args.narrow,
-                             whole_image=not args.unet_only))
+                             whole_image=not args.unet_only, compile=args.compile))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -394,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=int, default=3, help="interleaved rounds (medians over them)")
     s.add_argument("--unet-runs", type=int, default=3, help="U-Net calls per round")
     s.add_argument("--unet-only", action="store_true", help="skip whole-image runs")
+    s.add_argument("--compile", action="store_true", help="torch.compile every U-Net (minutes of compilation first)")
     s.add_argument("--narrow", action="store_true", help="ref: models at narrow widths (for tests)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--plot", help="write a PNG bar chart here")
