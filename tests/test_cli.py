@@ -92,3 +92,13 @@ def test_console_script_prints_no_traceback(tmp_path):
         assert proc.returncode != 0
         assert fragment in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_evaluate_scores_pipelines_against_the_first(capsys, narrow_dirs, tmp_path):
+    teacher = str(narrow_dirs["sd15"])
+    code, out, _ = _cli(capsys, "evaluate", teacher, teacher, "--prompts", "2", "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["n"] for r in rows] == [2, 2]
+    assert rows[0]["agreement_with_first"] is None and rows[1]["agreement_with_first"] == 1.0  # same model, same seeds
+    code, _, err = _cli(capsys, "evaluate", str(tmp_path))
+    assert code != 0 and "not a pipeline folder" in err and "Traceback" not in err

@@ -219,6 +219,37 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), quick=args.quick, steps=args.steps, teacher=args.teacher)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from distill_sd.demo import eval_scenes, evaluate_model
+    from distill_sd.report import markdown_table
+    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS
+
+    if args.prompts < 1:
+        raise UserError("--prompts must be >= 1")
+    for m in args.model:
+        if not (Path(m) / "model_index.json").is_file():
+            raise UserError(f"'{m}' is not a pipeline folder (no model_index.json)")
+    scenes = eval_scenes(args.prompts)
+    results = []
+    with tqdm(total=len(scenes) * len(args.model), desc="evaluating on held-out compositions", unit="image") as bar:
+        for m in args.model:
+            results.append(evaluate_model(m, Path(m), scenes, reference=results[0] if results else None, progress=bar))
+    rows = [{"model": r.name, **r.scores, "agreement_with_first": r.agreement, "seconds_per_image": r.seconds_per_image}
+            for r in results]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    checks = ["accuracy", "presence", "colour", "shape", "size", "position", "count"]
+    print(markdown_table(["model", *checks, "agrees with first", "s / image"],
+                         [[r["model"], *(f"{100 * r[c]:.1f} %" for c in checks),
+                           "-" if r["agreement_with_first"] is None else f"{100 * r['agreement_with_first']:.0f} %",
+                           f"{r['seconds_per_image']:.3f}"] for r in rows]))
+    print(f"{len(scenes)} held-out captions, DPM++ {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}, seed {EVAL_SEED} + index",
+          file=sys.stderr)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from distill_sd.app import serve
 
@@ -426,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="distillation steps per student (default: 150, --quick: 20)")
     s.add_argument("--teacher", help="another shapes teacher folder (default: the shipped one)")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("evaluate", help="shapes world: exact held-out accuracy of pipelines (same prompts and seeds)")
+    s.add_argument("model", nargs="+", help="pipeline folders; agreement is measured against the first")
+    s.add_argument("--prompts", type=int, default=300, help="number of held-out captions")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("inspect", help="params, MACs and block layout of pipelines or U-Nets")
     s.add_argument("model", nargs="+", help="pipeline dir, U-Net dir, or sd15/sd21/sdxl")
