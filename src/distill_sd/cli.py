@@ -224,6 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from distill_sd.demo import eval_scenes, evaluate_model
     from distill_sd.report import markdown_table
+    from distill_sd.shapes import CHECKS
     from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS
 
     if args.prompts < 1:
@@ -241,7 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    checks = ["accuracy", "presence", "colour", "shape", "size", "position", "count"]
+    checks = ["accuracy", *CHECKS]
     print(markdown_table(["model", *checks, "agrees with first", "s / image"],
                          [[r["model"], *(f"{100 * r[c]:.1f} %" for c in checks),
                            "-" if r["agreement_with_first"] is None else f"{100 * r['agreement_with_first']:.0f} %",

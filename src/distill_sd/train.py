@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill_sd.errors import UserError
+from distill_sd.generate import DTYPES
 from distill_sd.kd import FeatureTaps, LossWeights, distillation_loss
 
 MODES = ("pretrain", "finetune", "distill")
@@ -142,7 +143,7 @@ class TrainConfig:
             raise UserError("--ema_decay must be in (0, 1)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError("--snr_gamma must be > 0")
-        if self.teacher_dtype not in (None, "fp32", "fp16", "bf16"):
+        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
             raise UserError(f"--teacher_dtype must be fp32, fp16 or bf16, got {self.teacher_dtype}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision}")
@@ -369,8 +370,7 @@ def train(cfg: TrainConfig) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # The frozen teacher may run in a lower precision than the student: on CPUs whose bf16 is fast for inference
     # but whose autocast backward is slow, a bf16 teacher with an fp32 student is the fastest, leanest choice.
-    teacher_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        cfg.teacher_dtype, weight_dtype)
+    teacher_dtype = DTYPES.get(cfg.teacher_dtype, weight_dtype)
 
     models = load_models(cfg)
     base, student, teacher = models.base, models.student, models.teacher
