@@ -29,6 +29,9 @@ def test_quick_demo_writes_report_grid_and_tradeoff(tmp_path, capsys):
     assert [r["model"] for r in rows] == ["teacher", "bk-base", "bk-small", "bk-tiny"]
     assert rows[0]["unet_params"] > rows[1]["unet_params"] > rows[2]["unet_params"] > rows[3]["unet_params"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows) and rows[0]["check_presence"] > 0.5  # the teacher draws objects
+    for name in ("bk-base", "bk-small", "bk-tiny"):  # each student trained its full budget in its own process
+        history = (out / "work" / f"run-{name}" / "history.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in history] == list(range(1, 21))
     report = (out / "report.md").read_text()
     assert "| bk-tiny" in report and "held-out" in report
     for name in ("grid.png", "tradeoff.png"):
@@ -40,3 +43,16 @@ def test_quick_demo_writes_report_grid_and_tradeoff(tmp_path, capsys):
     (foreign / "x.txt").write_text("keep")
     assert main(["demo", "--quick", "--out", str(foreign)]) != 0
     assert (foreign / "x.txt").read_text() == "keep"
+
+
+def test_parallel_distillation_reports_a_worker_error_as_one_line(tmp_path):
+    import pytest
+
+    from distill_sd.demo import distill_in_parallel
+    from distill_sd.errors import UserError
+    from distill_sd.train import TrainConfig
+
+    missing = TrainConfig(mode="distill", teacher=str(tmp_path / "no-teacher"), student="bk-tiny",
+                          cache=str(tmp_path / "no-cache"), out=str(tmp_path / "run"), max_train_steps=1)
+    with pytest.raises(UserError, match="no-teacher"):
+        distill_in_parallel({"bk-tiny": missing})

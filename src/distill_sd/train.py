@@ -20,6 +20,7 @@ import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,8 +343,9 @@ def _vae_scale(pipe: Any) -> int:
 
 # ------------------------------------------------------------------------------------------ the loop
 
-def train(cfg: TrainConfig) -> Path:
-    """Run one training job; returns the output pipeline folder (`out/final`)."""
+def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """Run one training job; returns the output pipeline folder (`out/final`). `on_step(step, losses)` is
+    called after every optimisation step on the main process (e.g. to report progress to a parent process)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -567,6 +569,8 @@ def train(cfg: TrainConfig) -> Path:
             last["sec"] = time.perf_counter() - step_started  # wall time of this step (incl. data)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k != "sec"}, refresh=False)
+            if on_step is not None and accelerator.is_main_process:
+                on_step(global_step, last)
             if cfg.report_to != "none":
                 accelerator.log({f"train/{k}": v for k, v in last.items()}, step=global_step)
             if accelerator.is_main_process:  # plain-text history next to tensorboard: easy to plot and test
