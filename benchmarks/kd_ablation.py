@@ -7,7 +7,7 @@
 
 Everything else is `distill-sd demo`'s bk-tiny run, through demo.py's own functions: the same training split
 (FULL budget: 4096 images, exported with the demo's seed 0) cached once with the teacher's encoders
-(`demo.cache_data`), the same TrainConfig (`demo.distill_config`: 150 steps x batch 16, lr 5e-4 constant,
+(`demo.cache_data`), the same TrainConfig (`demo.distill_config`: 400 steps x batch 16, lr 1e-3 constant,
 only the loss weights overridden), and the same evaluation (`demo.eval_scenes` + `demo.evaluate_model`: the
 96 held-out compositions, DPM++ 20 steps, guidance 4.0, seed 1234 + prompt index, agreement measured against
 the teacher's image of the same prompt and noise). Each variant runs with training seeds 0..N-1; one seed is

@@ -79,6 +79,18 @@ def test_kit_is_a_stock_sd1_pipeline(vae_dir, tmp_path):
                generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 64, 64, 3)
 
+    # The frozen random text encoder keeps each word's identity (unit-scale embeddings, see kit.py): the
+    # colour and shape tokens of two captions that differ only there are far apart; with transformers'
+    # default 0.02 init they would be ~0.9 alike and the U-Net could hardly tell "red" from "blue".
+    with torch.no_grad():
+        ids = pipe.tokenizer(["a red circle", "a blue circle", "a red square"], padding="max_length",
+                             return_tensors="pt").input_ids
+        h = pipe.text_encoder(ids).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(h[0, 2], h[1, 2], dim=0) < 0.6  # "red" vs "blue"
+    assert cos(h[0, 3], h[2, 3], dim=0) < 0.6  # "circle" vs "square"
+    assert cos(h[0, 1], h[1, 1], dim=0) > 0.99  # the shared prefix "a" is the same token
+
 
 def test_kit_seeded_text_encoder_and_widths(vae_dir, tmp_path):
     a = build_kit(tmp_path / "a", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64])

@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="distil the shipped shapes teacher into bk-base/small/tiny and evaluate them")
     s.add_argument("--out", default="demo-output", help="replaced if it holds a previous demo's output")
     s.add_argument("--quick", action="store_true", help="a ~1-minute version (few steps, few prompts)")
-    s.add_argument("--steps", type=int, help="distillation steps per student (default: 150, --quick: 20)")
+    s.add_argument("--steps", type=int, help="distillation steps per student (default: 400, --quick: 20)")
     s.add_argument("--teacher", help="another shapes teacher folder (default: the shipped one)")
     s.set_defaults(fn=cmd_demo)
 

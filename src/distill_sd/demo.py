@@ -35,8 +35,10 @@ class Budget:
     eval_prompts: int
 
 
-FULL = Budget(train_images=4096, steps=150, batch_size=16, learning_rate=5e-4, eval_prompts=96)
-QUICK = Budget(train_images=256, steps=20, batch_size=16, learning_rate=5e-4, eval_prompts=16)
+# 400 steps at lr 1e-3: on a teacher checkpoint at 24 % held-out accuracy, bk-tiny kept 104 % of it (agreement 38 %)
+# after 400 steps at 1e-3 and 61 % (agreement 28 %) after 150 steps at 5e-4 (the earlier budget), 96 prompts each.
+FULL = Budget(train_images=4096, steps=400, batch_size=16, learning_rate=1e-3, eval_prompts=96)
+QUICK = Budget(train_images=256, steps=20, batch_size=16, learning_rate=1e-3, eval_prompts=16)
 
 
 def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUDENTS, seed: int = 0,

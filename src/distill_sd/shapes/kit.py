@@ -12,7 +12,14 @@ and distillation run on it exactly as on SD-1.5. Choices (and why):
     vocabulary; a random frozen encoder already maps each token (and, through causal attention, its
     left context) to a distinct embedding, and the U-Net's cross-attention learns to read them. It
     costs nothing to train and keeps the teacher's conditioning fixed across teacher and students,
-    as SD's frozen CLIP does.
+    as SD's frozen CLIP does. One change to transformers' initialisation: token embeddings are drawn
+    at std 1 and position embeddings at std 0.5 (TEXT_EMBEDDING_STD) instead of 0.02. At 0.02 the
+    residual stream is dominated by the attention layers' near-uniform average over the prefix, so
+    "a red circle" and "a blue circle" differ little (cosine 0.87 at the colour token, 0.93 at the
+    shape token): the U-Net must decode colour and binding from small differences, and a teacher
+    trained on that encoder reached only 45 % on training captions (8-19 % with two objects). At
+    unit scale each output is its own token plus its position (cosine 0.36 between colours, 0.23
+    between shapes), which the U-Net's cross-attention reads directly.
   * VAE: the shapes `AutoencoderKL` of `distill_sd.shapes.vae` (spatial factor 4: 64x64 images,
     4x16x16 latents), with its measured `scaling_factor`.
   * scheduler: `DDPMScheduler` with SD-1's training noise schedule (scaled_linear betas 0.00085 ->
@@ -82,6 +89,9 @@ SHAPES_SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
 }
 
+# Init std of the frozen text encoder's (token, position) embeddings; transformers' default is 0.02 for both.
+TEXT_EMBEDDING_STD: tuple[float, float] = (1.0, 0.5)
+
 DEFAULT_VAE_DIR = Path(__file__).parent / "assets" / "vae"
 
 
@@ -100,11 +110,13 @@ def shapes_unet_config(block_out_channels: tuple[int, ...] | list[int] | None = 
 
 
 def build_kit(out_dir: str | Path, vae_dir: str | Path | None = None, seed: int = 0,
-              block_out_channels: tuple[int, ...] | list[int] | None = None) -> Path:
+              block_out_channels: tuple[int, ...] | list[int] | None = None,
+              text_embedding_std: tuple[float, float] | None = TEXT_EMBEDDING_STD) -> Path:
     """Write the shapes teacher kit (a StableDiffusionPipeline directory) to `out_dir` and return it.
 
     `vae_dir` is a trained shapes VAE (default: the one shipped in distill_sd/shapes/assets/vae).
-    The text encoder and U-Net are randomly initialised from `seed`. Refuses a non-empty `out_dir`.
+    The text encoder and U-Net are randomly initialised from `seed`; `text_embedding_std` sets the std of the
+    text encoder's token and position embeddings (None: transformers' default). Refuses a non-empty `out_dir`.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -128,6 +140,11 @@ def build_kit(out_dir: str | Path, vae_dir: str | Path | None = None, seed: int 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**SHAPES_TEXT_ENCODER_CONFIG)).eval()
     text_encoder.requires_grad_(False)
+    if text_embedding_std is not None:
+        text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 wraps it; 5 does not
+        embeddings = text_model.embeddings.token_embedding, text_model.embeddings.position_embedding
+        for module, std in zip(embeddings, text_embedding_std):
+            torch.nn.init.normal_(module.weight, std=std)
     torch.manual_seed(seed + 1)
     unet_cfg = shapes_unet_config(block_out_channels, sample_size=vae.config.sample_size // vae_factor)
     unet = UNet2DConditionModel.from_config(unet_cfg)

@@ -59,7 +59,8 @@ def save_shipped(pipe_dir: Path, out: Path) -> None:
 
 
 def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: int, seed: int = 0,
-                 learning_rate: float = 1e-3, vae_dir: Path | None = None, eval_prompts: int = 300) -> dict:
+                 learning_rate: float = 1e-3, snr_gamma: float | None = 5.0, vae_dir: Path | None = None,
+                 eval_prompts: int = 300) -> dict:
     from distill_sd.cache import build_cache
     from distill_sd.evaluate import evaluate
     from distill_sd.models import check_new_output_dir, load_teacher
@@ -79,6 +80,7 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
         mode="pretrain", base=str(kit), cache=str(work / "cache"), out=str(work / "run"), seed=seed,
         train_batch_size=batch_size, max_train_steps=steps, learning_rate=learning_rate,
         lr_scheduler="cosine", lr_warmup_steps=min(500, steps // 10), proportion_empty_prompts=0.1,
+        snr_gamma=snr_gamma,  # Min-SNR-5 weighting: Hang et al. report ~3x faster convergence
         mixed_precision="no",  # bf16 autocast measured 3x slower than fp32 at these widths on this CPU
         use_ema=True, ema_decay=0.999, checkpointing_steps=500,
         checkpoints_total_limit=2, resume_from_checkpoint="latest", report_to="tensorboard"))
@@ -91,7 +93,7 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
     result = evaluate("teacher", pipe, heldout_prompts(eval_prompts, seed=EVAL_SEED), seed=EVAL_SEED,
                       steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
     summary = {"heldout_accuracy": result.accuracy, "scores": result.scores, "steps": steps, "images": images,
-               "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
+               "batch_size": batch_size, "learning_rate": learning_rate, "snr_gamma": snr_gamma, "seed": seed}
     (work / "teacher_eval.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
@@ -105,11 +107,13 @@ def main() -> None:
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting gamma (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="an already trained shapes VAE folder")
     a = p.parse_args()
     make_teacher(Path(a.work), Path(a.out), steps=a.steps, images=a.images, batch_size=a.batch_size,
-                 seed=a.seed, learning_rate=a.learning_rate, vae_dir=Path(a.vae) if a.vae else None)
+                 seed=a.seed, learning_rate=a.learning_rate,
+                 snr_gamma=a.snr_gamma or None, vae_dir=Path(a.vae) if a.vae else None)
 
 
 if __name__ == "__main__":
