@@ -16,8 +16,8 @@ and distillation run on it exactly as on SD-1.5. Choices (and why):
     at std 1 and position embeddings at std 0.5 (TEXT_EMBEDDING_STD) instead of 0.02. At 0.02 the
     residual stream is dominated by the attention layers' near-uniform average over the prefix, so
     "a red circle" and "a blue circle" differ little (cosine 0.87 at the colour token, 0.93 at the
-    shape token): the U-Net must decode colour and binding from small differences, and a teacher
-    trained on that encoder reached only 45 % on training captions (8-19 % with two objects). At
+    shape token): the U-Net must decode colour and binding from small differences, and learns them
+    slowly (`build_kit(..., text_embedding_std=None)` builds that encoder for comparison). At
     unit scale each output is its own token plus its position (cosine 0.36 between colours, 0.23
     between shapes), which the U-Net's cross-attention reads directly.
   * VAE: the shapes `AutoencoderKL` of `distill_sd.shapes.vae` (spatial factor 4: 64x64 images,
