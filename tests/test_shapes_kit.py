@@ -60,7 +60,7 @@ def test_train_vae_rejects_bad_input(vae_dir, tmp_path):
 
 
 def test_kit_is_a_stock_sd1_pipeline(vae_dir, tmp_path):
-    kit = build_kit(tmp_path / "kit", vae_dir, seed=0)
+    kit = build_kit(tmp_path / "kit", vae_dir, seed=0, reader_steps=0)
     pipe = StableDiffusionPipeline.from_pretrained(kit)
     assert pipe.safety_checker is None and pipe.feature_extractor is None
     unet = pipe.unet.config
@@ -79,7 +79,7 @@ def test_kit_is_a_stock_sd1_pipeline(vae_dir, tmp_path):
                generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 64, 64, 3)
 
-    # The frozen random text encoder keeps each word's identity (unit-scale embeddings, see kit.py): the
+    # The frozen random text encoder (reader_steps=0) keeps each word's identity (unit-scale embeddings, see kit.py): the
     # colour and shape tokens of two captions that differ only there are far apart; with transformers'
     # default 0.02 init they would be ~0.9 alike and the U-Net could hardly tell "red" from "blue".
     with torch.no_grad():
@@ -93,8 +93,8 @@ def test_kit_is_a_stock_sd1_pipeline(vae_dir, tmp_path):
 
 
 def test_kit_seeded_text_encoder_and_widths(vae_dir, tmp_path):
-    a = build_kit(tmp_path / "a", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64])
-    b = build_kit(tmp_path / "b", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64])
+    a = build_kit(tmp_path / "a", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64], reader_steps=10)
+    b = build_kit(tmp_path / "b", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64], reader_steps=10)
     te_a, te_b = (load_file(d / "text_encoder" / "model.safetensors") for d in (a, b))
     assert all(torch.equal(te_a[k], te_b[k]) for k in te_a)
     assert json.loads((a / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32, 64, 64]

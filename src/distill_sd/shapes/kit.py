@@ -8,18 +8,18 @@ and distillation run on it exactly as on SD-1.5. Choices (and why):
   * tokenizer: the real CLIP BPE tokenizer (49,408 tokens, 77 positions, pads with <|endoftext|>),
     written from the vocabulary the package ships, so prompts are tokenised exactly as in SD-1.
   * text encoder: a small `CLIPTextModel` (hidden 64, 2 layers, 4 heads, MLP 128, real vocabulary
-    and special-token ids), randomly initialised from `seed` and frozen. Shapes captions use a tiny
-    vocabulary; a random frozen encoder already maps each token (and, through causal attention, its
-    left context) to a distinct embedding, and the U-Net's cross-attention learns to read them. It
-    costs nothing to train and keeps the teacher's conditioning fixed across teacher and students,
-    as SD's frozen CLIP does. One change to transformers' initialisation: token embeddings are drawn
-    at std 1 and position embeddings at std 0.5 (TEXT_EMBEDDING_STD) instead of 0.02. At 0.02 the
-    residual stream is dominated by the attention layers' near-uniform average over the prefix, so
-    "a red circle" and "a blue circle" differ little (cosine 0.87 at the colour token, 0.93 at the
-    shape token): the U-Net must decode colour and binding from small differences, and learns them
-    slowly (`build_kit(..., text_embedding_std=None)` builds that encoder for comparison). At
-    unit scale each output is its own token plus its position (cosine 0.36 between colours, 0.23
-    between shapes), which the U-Net's cross-attention reads directly.
+    and special-token ids), seeded, taught to read shapes captions and then frozen, as SD's CLIP is:
+    teacher and students share it. Two steps:
+    - init: token embeddings at std 1 and position embeddings at std 0.5 (TEXT_EMBEDDING_STD) instead of
+      transformers' 0.02. At 0.02 the residual stream is dominated by the attention layers' near-uniform
+      average over the prefix, so "a red circle" and "a blue circle" differ little (cosine 0.87 at the
+      colour token); at unit scale each output is its own token plus its position (cosine 0.36).
+    - reading (READER_STEPS of `shapes.reader.pretrain_reader`, about 4 minutes on one core): a random
+      encoder keeps words apart but cannot say which colour goes with which shape or where each object
+      goes, and a U-Net trained on it learns one-object captions but not two-object ones. A short
+      supervised task on captions alone (no images) teaches the encoder to put the scene, region by
+      region, into its end-of-text and padding states -- the offline stand-in for CLIP's pretraining.
+    `build_kit(..., reader_steps=0, text_embedding_std=None)` builds the plain random encoder for comparison.
   * VAE: the shapes `AutoencoderKL` of `distill_sd.shapes.vae` (spatial factor 4: 64x64 images,
     4x16x16 latents), with its measured `scaling_factor`.
   * scheduler: `DDPMScheduler` with SD-1's training noise schedule (scaled_linear betas 0.00085 ->
@@ -92,6 +92,9 @@ SHAPES_SCHEDULER_CONFIG: dict[str, Any] = {
 # Init std of the frozen text encoder's (token, position) embeddings; transformers' default is 0.02 for both.
 TEXT_EMBEDDING_STD: tuple[float, float] = (1.0, 0.5)
 
+# Steps of caption-reading pretraining for the text encoder (shapes.reader); 0 leaves it random.
+READER_STEPS = 1500
+
 DEFAULT_VAE_DIR = Path(__file__).parent / "assets" / "vae"
 
 
@@ -111,12 +114,14 @@ def shapes_unet_config(block_out_channels: tuple[int, ...] | list[int] | None = 
 
 def build_kit(out_dir: str | Path, vae_dir: str | Path | None = None, seed: int = 0,
               block_out_channels: tuple[int, ...] | list[int] | None = None,
-              text_embedding_std: tuple[float, float] | None = TEXT_EMBEDDING_STD) -> Path:
+              text_embedding_std: tuple[float, float] | None = TEXT_EMBEDDING_STD,
+              reader_steps: int = READER_STEPS) -> Path:
     """Write the shapes teacher kit (a StableDiffusionPipeline directory) to `out_dir` and return it.
 
     `vae_dir` is a trained shapes VAE (default: the one shipped in distill_sd/shapes/assets/vae).
     The text encoder and U-Net are randomly initialised from `seed`; `text_embedding_std` sets the std of the
-    text encoder's token and position embeddings (None: transformers' default). Refuses a non-empty `out_dir`.
+    text encoder's token and position embeddings (None: transformers' default); `reader_steps` of
+    `shapes.reader.pretrain_reader` teach it to read captions (0: leave it random). Refuses a non-empty `out_dir`.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -145,6 +150,10 @@ def build_kit(out_dir: str | Path, vae_dir: str | Path | None = None, seed: int 
         embeddings = text_model.embeddings.token_embedding, text_model.embeddings.position_embedding
         for module, std in zip(embeddings, text_embedding_std):
             torch.nn.init.normal_(module.weight, std=std)
+    if reader_steps:
+        from distill_sd.shapes.reader import pretrain_reader
+
+        pretrain_reader(text_encoder, tokenizer, steps=reader_steps, seed=seed)
     torch.manual_seed(seed + 1)
     unet_cfg = shapes_unet_config(block_out_channels, sample_size=vae.config.sample_size // vae_factor)
     unet = UNet2DConditionModel.from_config(unet_cfg)
@@ -159,7 +168,8 @@ def build_kit(out_dir: str | Path, vae_dir: str | Path | None = None, seed: int 
         "Stable Diffusion 1 topology at small widths for the offline shapes world "
         f"({vae.config.sample_size}x{vae.config.sample_size} images, "
         f"{vae.config.latent_channels}x{unet_cfg['sample_size']}x{unet_cfg['sample_size']} latents).\n"
-        "Tokenizer, text encoder (random, frozen), VAE and scheduler are final; the U-Net is "
+        f"Tokenizer, text encoder (taught to read captions for {reader_steps} steps, then frozen), VAE and "
+        "scheduler are final; the U-Net is "
         f"randomly initialised (seed {seed}) and is what `distill-sd pretrain` trains. "
         "Written by `distill_sd.shapes.kit.build_kit`.\n"
     )
