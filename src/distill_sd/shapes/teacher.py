@@ -1,10 +1,11 @@
 """The shipped shapes teacher: where it lives, and how to reproduce it from scratch.
 
     python -m distill_sd.shapes.teacher --work /tmp/teacher-work --out /tmp/teacher \
-        --vae src/distill_sd/shapes/assets/vae        # the shipped teacher: 6,000 steps x 32, ~95 min on one core
+        --vae src/distill_sd/shapes/assets/vae        # the shipped teacher: 4,000 steps x 32, ~70 min on one core
 
 runs every stage with the project's own commands' code: train the VAE (shapes.vae), assemble the kit
-(shapes.kit: CLIP tokenizer, frozen text encoder, VAE, scheduler, SD-1-topology U-Net config), export the
+(shapes.kit: CLIP tokenizer, text encoder taught to read captions (shapes.reader) and frozen, VAE, scheduler,
+SD-1-topology U-Net config), export the
 training split as an image folder, cache latents and text embeddings (`distill-sd cache`), pretrain the U-Net
 (`distill-sd pretrain`), evaluate on held-out compositions and save the pipeline with fp16 weights (the
 repository budget is 25 MB; the weights load into fp32 models with stock diffusers).
@@ -104,7 +105,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="working folder (resumable: finished stages are reused)")
     p.add_argument("--out", required=True, help="where the teacher pipeline is written")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
