@@ -93,8 +93,8 @@ def test_kit_is_a_stock_sd1_pipeline(vae_dir, tmp_path):
 
 
 def test_kit_seeded_text_encoder_and_widths(vae_dir, tmp_path):
-    a = build_kit(tmp_path / "a", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64], reader_steps=10)
-    b = build_kit(tmp_path / "b", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64], reader_steps=10)
+    a = build_kit(tmp_path / "a", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64], reader_steps=20)
+    b = build_kit(tmp_path / "b", vae_dir, seed=5, block_out_channels=[16, 32, 64, 64], reader_steps=20)
     te_a, te_b = (load_file(d / "text_encoder" / "model.safetensors") for d in (a, b))
     assert all(torch.equal(te_a[k], te_b[k]) for k in te_a)
     assert json.loads((a / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32, 64, 64]

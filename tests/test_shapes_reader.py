@@ -6,9 +6,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from distill_sd.errors import UserError
 from distill_sd.reference import write_clip_tokenizer
 from distill_sd.shapes import sample_scenes
 from distill_sd.shapes.kit import SHAPES_TEXT_ENCODER_CONFIG
@@ -51,3 +53,9 @@ def test_pretrain_reader_learns_to_read_and_freezes():
     assert any(not torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())
     # A whole caption read right means every region's colour, shape and size: chance is far below 1 %.
     assert reader_accuracy(encoder, probe, tokenizer, sample_scenes(200, seed=1, split="train")) > 0.25
+
+
+def test_pretrain_reader_refuses_too_few_steps():
+    encoder = CLIPTextModel(CLIPTextConfig(**SHAPES_TEXT_ENCODER_CONFIG))
+    with pytest.raises(UserError, match="at least 20"):
+        pretrain_reader(encoder, None, steps=5)

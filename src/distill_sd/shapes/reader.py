@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from distill_sd.errors import UserError
 from distill_sd.shapes.world import COLOURS, POSITIONS, RELATIONS, SHAPES, SIZE_RANGES, Scene, sample_scenes
 
 # Regions a caption can put an object in; "anywhere" is a single object whose position is not stated.
@@ -42,6 +43,7 @@ assert set(RELATION_REGIONS) == set(RELATIONS)
 # Per region: colour (none + palette), shape (none + shapes), size (none/unstated + sizes).
 ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("colour", ("none", *COLOURS)), ("shape", ("none", *SHAPES)), ("size", ("none", *SIZE_RANGES)))
+MIN_STEPS = 20  # the one-cycle schedule's 10 % warm-up needs at least two steps
 _N_CLASSES = sum(len(values) for _, values in ATTRIBUTES)
 
 
@@ -104,6 +106,8 @@ def pretrain_reader(text_encoder: nn.Module, tokenizer, *, steps: int = 1500, ba
                     progress: bool = True) -> nn.Linear:
     """Train `text_encoder` in place (see the module docstring) and return the probe (for `reader_accuracy`;
     it is not part of the pipeline). The encoder is left frozen (requires_grad False) and in eval mode."""
+    if steps < MIN_STEPS:
+        raise UserError(f"the text encoder needs at least {MIN_STEPS} reading steps, got {steps} (0 skips reading)")
     device = next(text_encoder.parameters()).device
     scenes = sample_scenes(captions, seed=seed + 7919, split=split)  # not the U-Net's data seed
     torch.manual_seed(seed)
