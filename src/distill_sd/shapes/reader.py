@@ -7,9 +7,9 @@ one-object captions but not two-object ones ("a red circle to the left of a blue
 relation).
 
 `pretrain_reader` gives the encoder that understanding before the U-Net ever trains, with a cheap supervised
-task on captions alone (no images; 1,500 steps take about 4 minutes on one core): from the hidden states of the end-of-text
-and padding tokens (under causal attention they are the only ones that have read the whole caption), a
-linear probe must recover the scene *by region* -- what is on the left, on the right, at the top, at the
+task on captions alone (no images; 1,500 steps take about 4 minutes on one core): from the hidden states of
+the end-of-text and padding tokens (under causal attention they are the only ones that have read the whole
+caption), a linear probe must recover the scene *by region* -- what is on the left, on the right, at the top, at the
 bottom, in the centre, or anywhere -- each as (colour, shape, size). A linear probe is what the U-Net's
 cross-attention (linear keys and values) can use directly. The probe is thrown away; the encoder is then
 frozen, as SD's CLIP is, and shared by teacher and students.

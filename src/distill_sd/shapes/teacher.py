@@ -1,7 +1,7 @@
 """The shipped shapes teacher: where it lives, and how to reproduce it from scratch.
 
     python -m distill_sd.shapes.teacher --work /tmp/teacher-work --out /tmp/teacher \
-        --vae src/distill_sd/shapes/assets/vae        # the shipped teacher: 4,000 steps x 32, ~70 min on one core
+        --vae src/distill_sd/shapes/assets/vae        # the shipped teacher: 4,000 steps x 32, ~75 min on one core
 
 runs every stage with the project's own commands' code: train the VAE (shapes.vae), assemble the kit
 (shapes.kit: CLIP tokenizer, text encoder taught to read captions (shapes.reader) and frozen, VAE, scheduler,
