@@ -126,10 +126,11 @@ def build_kit(out_dir: str | Path, vae_dir: str | Path | None = None, seed: int 
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from distill_sd.models import save_pipeline
+    from distill_sd.models import check_new_output_dir, save_pipeline
     from distill_sd.reference import write_clip_tokenizer
 
     out = Path(out_dir)
+    check_new_output_dir(out)  # before minutes of reading pretraining, not after
     vae_path = Path(vae_dir) if vae_dir is not None else DEFAULT_VAE_DIR
     if not (vae_path / "config.json").is_file():
         raise UserError(f"no VAE at '{vae_path}': train one with `python -m distill_sd.shapes.vae --out DIR`")

@@ -109,7 +109,8 @@ def pretrain_reader(text_encoder: nn.Module, tokenizer, *, steps: int = 1500, ba
     if steps < MIN_STEPS:
         raise UserError(f"the text encoder needs at least {MIN_STEPS} reading steps, got {steps} (0 skips reading)")
     device = next(text_encoder.parameters()).device
-    scenes = sample_scenes(captions, seed=seed + 7919, split=split)  # not the U-Net's data seed
+    # Never more captions than the run can draw (a short run need not tokenise 20,000); prefixes are stable.
+    scenes = sample_scenes(min(captions, steps * batch_size), seed=seed + 7919, split=split)  # not the U-Net's seed
     torch.manual_seed(seed)
     probe = nn.Linear(_text_model(text_encoder).config.hidden_size, len(REGIONS) * _N_CLASSES).to(device)
     text_encoder.train().requires_grad_(True)
