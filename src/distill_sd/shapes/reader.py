@@ -65,10 +65,6 @@ def scene_targets(scene: Scene) -> list[int]:
     return targets
 
 
-def _text_model(text_encoder: nn.Module) -> nn.Module:
-    return getattr(text_encoder, "text_model", text_encoder)  # transformers 4 wraps it; 5 does not
-
-
 def _batch(tokenizer, scenes: list[Scene], device: torch.device):
     ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)
@@ -87,8 +83,8 @@ def _logits(text_encoder: nn.Module, probe: nn.Linear, ids: torch.Tensor) -> tor
 def _loss_and_hits(logits: torch.Tensor, readout: torch.Tensor, targets: torch.Tensor):
     """Mean cross-entropy over read-out positions, and per-caption 'every attribute right' at the last one."""
     loss, right = 0.0, torch.ones(len(targets), dtype=torch.bool, device=targets.device)
-    start, k = 0, 0
-    for _, values in ATTRIBUTES:
+    start = 0
+    for k, (_, values) in enumerate(ATTRIBUTES):
         for r in range(len(REGIONS)):
             part = logits[:, :, r, start:start + len(values)]  # (B, T, classes)
             t = targets[:, r * len(ATTRIBUTES) + k]
@@ -97,7 +93,6 @@ def _loss_and_hits(logits: torch.Tensor, readout: torch.Tensor, targets: torch.T
             loss = loss + (ce * readout).sum() / readout.sum()
             right &= part[:, -1].argmax(-1) == t
         start += len(values)
-        k += 1
     return loss / (len(REGIONS) * len(ATTRIBUTES)), right
 
 
@@ -112,7 +107,7 @@ def pretrain_reader(text_encoder: nn.Module, tokenizer, *, steps: int = 1500, ba
     # Never more captions than the run can draw (a short run need not tokenise 20,000); prefixes are stable.
     scenes = sample_scenes(min(captions, steps * batch_size), seed=seed + 7919, split=split)  # not the U-Net's seed
     torch.manual_seed(seed)
-    probe = nn.Linear(_text_model(text_encoder).config.hidden_size, len(REGIONS) * _N_CLASSES).to(device)
+    probe = nn.Linear(text_encoder.config.hidden_size, len(REGIONS) * _N_CLASSES).to(device)
     text_encoder.train().requires_grad_(True)
     params = [*text_encoder.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
