@@ -67,7 +67,7 @@ def test_kit_is_a_stock_sd1_pipeline(vae_dir, tmp_path):
     assert list(unet.down_block_types) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     assert list(unet.up_block_types) == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     assert unet.mid_block_type == "UNetMidBlock2DCrossAttn" and unet.layers_per_block == 2
-    assert unet.sample_size == 16 and unet.cross_attention_dim == pipe.text_encoder.config.hidden_size == 64
+    assert unet.sample_size == 16 and unet.cross_attention_dim == pipe.text_encoder.config.hidden_size == 48
     assert list(unet.block_out_channels) == SHAPES_UNET_CONFIG["block_out_channels"]
     sched = pipe.scheduler.config
     assert type(pipe.scheduler).__name__ == "DDPMScheduler"
