@@ -145,7 +145,7 @@ def cache_data(teacher_path: Path, data: Path, out: Path) -> Path:
 
 def distill_config(teacher_path: Path, student: str, cache: Path, out: Path, budget: Budget, seed: int,
                    **overrides: Any) -> TrainConfig:
-    """The demo's distillation run (recipe `balanced`, constant lr, one final checkpoint); `overrides` replace
+    """The demo's distillation run (recipe `balanced`, constant lr, EMA, one final checkpoint); `overrides` replace
     TrainConfig fields, e.g. loss_out=0.0 for an ablation."""
     from distill_sd.shapes.teacher import EMPTY_PROMPTS
     from distill_sd.train import TrainConfig
@@ -157,7 +157,7 @@ def distill_config(teacher_path: Path, student: str, cache: Path, out: Path, bud
         # The teacher's share of empty captions too: guidance amplifies the unconditional branch (x3 at guidance 4),
         # and a student that never distils that branch drifts from the teacher there.
         proportion_empty_prompts=EMPTY_PROMPTS,
-        # A short EMA (diffusers' warm-up makes it ~0.98 at step 400): at a constant lr of 1e-3 the last iterate is
+        # A short EMA (diffusers' warm-up makes it ~0.985 at step 600): at a constant lr of 1e-3 the last iterate is
         # noisy, and which seed got lucky decided more than the recipe did.
         use_ema=True, ema_decay=0.99)
     return TrainConfig(**{**options, **overrides})
