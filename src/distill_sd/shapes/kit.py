@@ -45,12 +45,14 @@ import torch
 
 from distill_sd.errors import UserError
 
+TEXT_WIDTH = 48  # the text encoder's hidden size, and so the U-Net's cross-attention width
+
 SHAPES_UNET_CONFIG: dict[str, Any] = {
     "act_fn": "silu",
     "attention_head_dim": 4,  # diffusers' legacy name: SD-1 uses it as the number of heads
     "block_out_channels": [32, 64, 128, 128],
     "center_input_sample": False,
-    "cross_attention_dim": 48,
+    "cross_attention_dim": TEXT_WIDTH,
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     "downsample_padding": 1,
     "flip_sin_to_cos": True,
@@ -68,13 +70,13 @@ SHAPES_UNET_CONFIG: dict[str, Any] = {
 
 SHAPES_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "vocab_size": 49408,
-    "hidden_size": 48,
-    "intermediate_size": 96,
+    "hidden_size": TEXT_WIDTH,
+    "intermediate_size": 2 * TEXT_WIDTH,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "max_position_embeddings": 77,
     "hidden_act": "quick_gelu",
-    "projection_dim": 48,
+    "projection_dim": TEXT_WIDTH,
     "bos_token_id": 49406,
     "eos_token_id": 49407,
     "pad_token_id": 49407,

@@ -5,10 +5,10 @@
 
 runs every stage with the project's own commands' code: train the VAE (shapes.vae), assemble the kit
 (shapes.kit: CLIP tokenizer, text encoder taught to read captions (shapes.reader) and frozen, VAE, scheduler,
-SD-1-topology U-Net config), export the
-training split as an image folder, cache latents and text embeddings (`distill-sd cache`), pretrain the U-Net
-(`distill-sd pretrain`), evaluate on held-out compositions and save the pipeline with fp16 weights (the
-repository budget is 25 MB; the weights load into fp32 models with stock diffusers).
+SD-1-topology U-Net config), export the training split as an image folder, cache latents and text embeddings
+(`distill-sd cache`), pretrain the U-Net (`distill-sd pretrain`), evaluate on held-out compositions and save
+the pipeline with fp16 weights (the repository budget is 25 MB; the weights load into fp32 models with stock
+diffusers).
 """
 
 from __future__ import annotations
