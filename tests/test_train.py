@@ -14,6 +14,7 @@ import pytest
 from diffusers import UNet2DConditionModel
 
 from distill_sd.cli import main
+from distill_sd.errors import UserError
 from distill_sd.train import fingerprint
 
 CLI = [sys.executable, "-m", "distill_sd"]
@@ -155,6 +156,29 @@ def test_bad_training_input_is_one_clear_line(narrow_dirs, broken_data, tmp_path
     err = capsys.readouterr().err
     assert code != 0 and fragment in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize(("yaml_line", "fragment"), [
+    ("train_batch_size: 8.0", "--train_batch_size must be an int, got 8.0"),
+    ("use_ema: 'yes'", "--use_ema must be a bool, got 'yes'"),
+    ("validation_prompts: a red circle", "--validation_prompts must be a list[str]"),
+])
+def test_yaml_value_of_the_wrong_type_is_one_clear_line(narrow_dirs, shapes, tmp_path, capsys, yaml_line, fragment):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"teacher: {narrow_dirs['sd15']}\nstudent: bk-tiny\ndata: {shapes}\n{yaml_line}\n")
+    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_types_accept_ints_for_floats():
+    from distill_sd.train import TrainConfig
+
+    cfg = TrainConfig(mode="pretrain", out="o", base="b", cache="c", learning_rate=1, ema_decay=0.5).resolved()
+    assert cfg.learning_rate == 1
+    with pytest.raises(UserError, match="--seed must be an int"):
+        TrainConfig(mode="pretrain", out="o", base="b", cache="c", seed=1.5).resolved()
 
 
 def test_existing_output_needs_resume_flag(narrow_dirs, shapes, tmp_path, capsys):

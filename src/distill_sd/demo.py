@@ -244,26 +244,30 @@ Whole run: {minutes:.1f} min. Reproduce: `distill-sd demo{' --quick' if quick el
 
 
 def grid(results: list[Any], scenes: list[Any], path: Path, columns: int = 6) -> None:
-    """Models as rows, the same held-out prompts and seeds as columns, captions on top."""
+    """Models as rows, the same held-out prompts and seeds as columns, whole captions on top; each image framed
+    green when the scorer passes it, red when it does not."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
-    cell, label_w, cap_h = 96, 90, 34
+    from distill_sd.shapes import score_image
+
+    cell, label_w, line_h = 96, 90, 11
     n = min(columns, len(scenes))
+    captions = [textwrap.wrap(scenes[j].caption, width=16) for j in range(n)]
+    cap_h = 4 + line_h * max(len(lines) for lines in captions)
     canvas = Image.new("RGB", (label_w + n * cell, cap_h + len(results) * cell), "white")
     draw = ImageDraw.Draw(canvas)
-    for j in range(n):
-        words, lines = scenes[j].caption.split(), [""]
-        for w in words:  # wrap captions to the cell width
-            if len(lines[-1]) + len(w) > 16:
-                lines.append("")
-            lines[-1] = f"{lines[-1]} {w}".strip()
-        draw.multiline_text((label_w + j * cell + 2, 1), "\n".join(lines[:3]), fill="black", spacing=0)
+    for j, lines in enumerate(captions):
+        draw.multiline_text((label_w + j * cell + 2, 1), "\n".join(lines), fill="black", spacing=1)
     for i, r in enumerate(results):
         y = cap_h + i * cell
         draw.text((4, y + cell // 2 - 12), f"{r.name}\n{100 * r.accuracy:.0f}% acc", fill="black")
         for j in range(n):
-            canvas.paste(r.images[j].resize((cell - 4, cell - 4), Image.Resampling.NEAREST),
-                         (label_w + j * cell + 2, y + 2))
+            x = label_w + j * cell
+            passed = score_image(r.images[j], scenes[j]).correct
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(40, 170, 60) if passed else (210, 40, 40))
+            canvas.paste(r.images[j].resize((cell - 6, cell - 6), Image.Resampling.NEAREST), (x + 3, y + 3))
     canvas.save(path)
 
 

@@ -21,7 +21,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,7 @@ class TrainConfig:
         return cfg
 
     def _validate(self) -> None:
+        self._check_types()
         positive = {"train_batch_size": self.train_batch_size, "max_train_steps": self.max_train_steps,
                     "gradient_accumulation_steps": self.gradient_accumulation_steps,
                     "checkpointing_steps": self.checkpointing_steps, "validation_steps": self.validation_steps,
@@ -157,6 +158,20 @@ class TrainConfig:
             if getattr(self, name) is None:
                 raise UserError(f"{self.mode} needs --{name}")
         LossWeights(self.loss_task, self.loss_out, self.loss_feat, self.feature_norm)  # validates
+
+    def _check_types(self) -> None:
+        """Each value against its field's annotation: configs also come from YAML files and Python, where
+        `train_batch_size: 8.0` would otherwise crash deep in the DataLoader. An int is a valid float."""
+        kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[str]": list}
+        for f in fields(self):
+            value, allowed = getattr(self, f.name), [k.strip() for k in f.type.split("|")]
+            if value is None and "None" in allowed:
+                continue
+            if not any(isinstance(value, kinds[k]) and (k == "bool" or not isinstance(value, bool))
+                       for k in allowed if k != "None"):
+                wanted = " or ".join(k for k in allowed if k != "None")
+                raise UserError(f"--{f.name} must be {'an' if wanted[0] in 'aeiou' else 'a'} {wanted}, "
+                                f"got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------ data order
