@@ -102,3 +102,27 @@ def test_kit_seeded_text_encoder_and_widths(vae_dir, tmp_path):
         build_kit(tmp_path / "a", vae_dir)  # refuses a non-empty output directory
     with pytest.raises(UserError):
         shapes_unet_config([32, 64, 128])
+
+
+def test_teacher_recipe_runs_both_cycles_and_reuses_finished_stages(vae_dir, tmp_path):
+    """The script that reproduces the shipped teacher, at a few steps: pretrain, second cycle, fp16 ship; after
+    an interruption in the second cycle, the rerun reuses the finished first one and ends bit-identical."""
+    from distill_sd.shapes.teacher import make_teacher
+
+    work = tmp_path / "work"
+    kw = {"steps": 3, "second_cycle_steps": 2, "images": 12, "batch_size": 4, "reader_steps": 0,
+          "vae_dir": vae_dir, "eval_prompts": 2}
+    summary = make_teacher(work, tmp_path / "teacher", **kw)
+    assert 0 <= summary["heldout_accuracy"] <= 1 and summary["second_cycle_steps"] == 2
+    second = json.loads((work / "run2" / "train_config.json").read_text())
+    assert (second["mode"], second["student"], second["max_train_steps"]) == ("finetune", str(work / "run" / "final"), 2)
+    weights = tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert {t.dtype for t in load_file(weights).values()} == {torch.float16}
+    StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
+
+    import shutil
+
+    shutil.rmtree(work / "run2")  # "interrupted" before the second cycle finished
+    make_teacher(work, tmp_path / "again", **kw)
+    again = load_file(tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(again[k], v) for k, v in load_file(weights).items())
