@@ -100,5 +100,8 @@ def test_evaluate_scores_pipelines_against_the_first(capsys, narrow_dirs, tmp_pa
     rows = json.loads(out)
     assert code == 0 and [r["n"] for r in rows] == [2, 2]
     assert rows[0]["agreement_with_first"] is None and rows[1]["agreement_with_first"] == 1.0  # same model, same seeds
+    code, out, _ = _cli(capsys, "evaluate", teacher, "--prompts", "2")
+    counts = sorted(k[len("accuracy_"):-3] for k in rows[0] if k.startswith("accuracy_"))  # accuracy by object count
+    assert code == 0 and counts and all(f"| {n}-object |" in out.splitlines()[0] + " " for n in counts)
     code, _, err = _cli(capsys, "evaluate", str(tmp_path))
     assert code != 0 and "not a pipeline folder" in err and "Traceback" not in err

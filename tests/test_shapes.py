@@ -155,6 +155,16 @@ def test_scorer_accepts_ground_truth(variant: str, scenes: list[Scene], images: 
     assert result["accuracy"] >= 0.99, result
 
 
+def test_scorer_splits_accuracy_by_object_count(scenes: list[Scene], images: list[Image.Image]) -> None:
+    blank = Image.new("RGB", (64, 64), (230, 230, 230))
+    spoiled = [blank if len(s.objects) == 2 else im for s, im in zip(scenes, images)]  # every 2-object scene wrong
+    result = score_batch(spoiled, scenes)
+    twos = sum(len(s.objects) == 2 for s in scenes)
+    assert 0 < twos < len(scenes)
+    assert result["accuracy_1obj"] >= 0.99 and result["accuracy_2obj"] == 0
+    assert result["accuracy"] == pytest.approx(result["accuracy_1obj"] * (len(scenes) - twos) / len(scenes))
+
+
 def test_scorer_is_resolution_free(scenes: list[Scene]) -> None:
     subset = scenes[:60]
     assert score_batch([render_scene(s, size=256) for s in subset], subset)["accuracy"] >= 0.99

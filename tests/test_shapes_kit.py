@@ -110,10 +110,10 @@ def test_teacher_recipe_runs_both_cycles_and_reuses_finished_stages(vae_dir, tmp
     from distill_sd.shapes.teacher import make_teacher
 
     work = tmp_path / "work"
-    kw = {"steps": 3, "second_cycle_steps": 2, "images": 12, "batch_size": 4, "reader_steps": 0,
+    kw = {"steps": 3, "restarts": ((2, 5e-4),), "images": 12, "batch_size": 4, "reader_steps": 0,
           "vae_dir": vae_dir, "eval_prompts": 2}
     summary = make_teacher(work, tmp_path / "teacher", **kw)
-    assert 0 <= summary["heldout_accuracy"] <= 1 and summary["second_cycle_steps"] == 2
+    assert 0 <= summary["heldout_accuracy"] <= 1 and summary["restarts"] == [[2, 5e-4]]
     second = json.loads((work / "run2" / "train_config.json").read_text())
     assert (second["mode"], second["student"], second["max_train_steps"]) == ("finetune", str(work / "run" / "final"), 2)
     weights = tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"

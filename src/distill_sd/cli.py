@@ -242,8 +242,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    checks = ["accuracy", *CHECKS]
-    print(markdown_table(["model", *checks, "agrees with first", "s / image"],
+    by_count = sorted(k for k in rows[0] if k.startswith("accuracy_") and k.endswith("obj"))  # accuracy_1obj, ...
+    checks = ["accuracy", *by_count, *CHECKS]
+    names = ["accuracy", *(f"{k[len('accuracy_'):-3]}-object" for k in by_count), *CHECKS]
+    print(markdown_table(["model", *names, "agrees with first", "s / image"],
                          [[r["model"], *(f"{100 * r[c]:.1f} %" for c in checks),
                            "-" if r["agreement_with_first"] is None else f"{100 * r['agreement_with_first']:.0f} %",
                            f"{r['seconds_per_image']:.3f}"] for r in rows]))

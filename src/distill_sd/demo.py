@@ -204,9 +204,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
     from distill_sd.report import human, markdown_table
 
     return markdown_table(
-        ["model", "accuracy", "vs teacher", "agrees with teacher", "colour / shape / position ok", "U-Net params",
-         "U-Net MACs", "s / image"],
+        ["model", "accuracy", "vs teacher", "1- / 2-object captions", "agrees with teacher",
+         "colour / shape / position ok", "U-Net params", "U-Net MACs", "s / image"],
         [[r["model"], f"{100 * r['accuracy']:.1f} %", f"{100 * r['accuracy_vs_teacher']:.0f} %",
+          " / ".join(f"{100 * r[f'check_accuracy_{k}obj']:.0f} %" if f"check_accuracy_{k}obj" in r else "-"
+                     for k in (1, 2)),
           "-" if r["agreement_with_teacher"] is None else f"{100 * r['agreement_with_teacher']:.0f} %",
           " / ".join(f"{100 * r[f'check_{k}']:.0f} %" for k in ("colour", "shape", "position")),
           human(r["unet_params"]), human(r["unet_macs"]), f"{r['seconds_per_image']:.3f}"] for r in rows])
@@ -228,6 +230,8 @@ seen in training), DPM++ {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}, seed
 
 - accuracy: fraction of images whose objects, colours, shapes, sizes, positions and count all match the
   caption, read exactly by the shapes scorer.
+- 1- / 2-object captions: accuracy over the captions naming one object ("a small red circle on the left") and
+  two ("a red circle above a blue square"): binding two colours, shapes and a relation is the hard part.
 - colour / shape / position ok: the scorer's separate checks (each over all images), which show what a
   partly right image gets right.
 - agrees with teacher: fraction of images whose detected objects (colour, shape, coarse position) equal those

@@ -143,13 +143,19 @@ def score_image(image: Image.Image | np.ndarray, record: Scene | dict[str, Any])
 def score_batch(
     images: Iterable[Image.Image | np.ndarray], records: Sequence[Scene | dict[str, Any]]
 ) -> dict[str, float]:
-    """Per-check accuracy over a batch, plus `accuracy` (fraction of fully correct images) and `n`."""
-    scores = [score_image(image, record) for image, record in zip(images, records, strict=True)]
+    """Per-check accuracy over a batch, plus `accuracy` (fraction of fully correct images), `n`, and the
+    accuracy of the images whose caption names k objects, `accuracy_{k}obj` (one- and two-object scenes
+    are different difficulties: binding two colours, shapes and a relation is where models fail)."""
+    scenes = [r if isinstance(r, Scene) else Scene.from_dict(r) for r in records]
+    scores = [score_image(image, scene) for image, scene in zip(images, scenes, strict=True)]
     if not scores:
         raise ValueError("score_batch needs at least one image")
     result = {check: float(np.mean([getattr(s, check) for s in scores])) for check in CHECKS}
     result["accuracy"] = float(np.mean([s.correct for s in scores]))
     result["n"] = len(scores)
+    for k in sorted({len(scene.objects) for scene in scenes}):
+        result[f"accuracy_{k}obj"] = float(np.mean([s.correct for s, scene in zip(scores, scenes)
+                                                    if len(scene.objects) == k]))
     return result
 
 

@@ -32,6 +32,17 @@ EVAL_STEPS = 20
 EVAL_GUIDANCE = 4.0
 # Captions replaced by "" in training, so the U-Net learns the unconditional branch classifier-free guidance uses.
 EMPTY_PROMPTS = 0.1
+# Warm restarts after the first cycle, (steps, peak learning rate): each cycle ended still improving.
+RESTARTS = ((7000, 5e-4), (5000, 2.5e-4))
+
+
+def parse_restart(text: str) -> tuple[int, float]:
+    """`7000:5e-4` -> (7000, 0.0005), for --restarts."""
+    steps, _, lr = text.partition(":")
+    try:
+        return int(steps), float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEPS:LEARNING_RATE such as 7000:5e-4, got {text!r}") from None
 
 
 def teacher_dir() -> Path:
@@ -65,7 +76,7 @@ def save_shipped(pipe_dir: Path, out: Path) -> None:
 
 
 def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: int, seed: int = 0,
-                 learning_rate: float = 1e-3, second_cycle_steps: int = 7000, second_cycle_learning_rate: float = 5e-4,
+                 learning_rate: float = 1e-3, restarts: tuple[tuple[int, float], ...] = RESTARTS,
                  snr_gamma: float | None = 5.0, vae_dir: Path | None = None, eval_prompts: int = 300,
                  reader_steps: int | None = None) -> dict:
     from distill_sd.cache import build_cache
@@ -99,9 +110,9 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
             checkpoints_total_limit=2, resume_from_checkpoint="latest", report_to="tensorboard"))
 
     final = cycle("run", steps, learning_rate, min(500, steps // 10), seed, mode="pretrain", base=str(kit))
-    if second_cycle_steps:
-        final = cycle("run2", second_cycle_steps, second_cycle_learning_rate, min(200, second_cycle_steps // 10),
-                      seed + 1, mode="finetune", student=str(final))
+    for i, (restart_steps, restart_lr) in enumerate(restarts, start=2):  # warm restarts from the last EMA weights
+        final = cycle(f"run{i}", restart_steps, restart_lr, min(200, restart_steps // 10), seed + i - 1,
+                      mode="finetune", student=str(final))
     save_shipped(final, out)
     pipe = load_teacher(out).pipeline
     from distill_sd.generate import set_scheduler
@@ -111,8 +122,8 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
     result = evaluate("teacher", pipe, heldout_prompts(eval_prompts, seed=EVAL_SEED), seed=EVAL_SEED,
                       steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
     summary = {"heldout_accuracy": result.accuracy, "scores": result.scores, "steps": steps, "images": images,
-               "batch_size": batch_size, "learning_rate": learning_rate, "second_cycle_steps": second_cycle_steps,
-               "second_cycle_learning_rate": second_cycle_learning_rate, "snr_gamma": snr_gamma, "seed": seed}
+               "batch_size": batch_size, "learning_rate": learning_rate, "restarts": [list(r) for r in restarts],
+               "snr_gamma": snr_gamma, "seed": seed}
     (work / "teacher_eval.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
@@ -126,8 +137,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--second-cycle-steps", type=int, default=7000, help="steps of the second cosine cycle (0: none)")
-    p.add_argument("--second-cycle-learning-rate", type=float, default=5e-4)
+    p.add_argument("--restarts", nargs="*", type=parse_restart, default=list(RESTARTS), metavar="STEPS:LR",
+                   help="further cosine cycles, each a warm restart from the previous one's EMA weights "
+                        f"(default: {' '.join(f'{n}:{lr:g}' for n, lr in RESTARTS)}; none: `--restarts` alone)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting gamma (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="an already trained shapes VAE folder")
@@ -135,8 +147,7 @@ def main() -> None:
                    help="steps teaching the text encoder to read captions (default: the kit's; 0: keep it random)")
     a = p.parse_args()
     make_teacher(Path(a.work), Path(a.out), steps=a.steps, images=a.images, batch_size=a.batch_size,
-                 seed=a.seed, learning_rate=a.learning_rate, second_cycle_steps=a.second_cycle_steps,
-                 second_cycle_learning_rate=a.second_cycle_learning_rate,
+                 seed=a.seed, learning_rate=a.learning_rate, restarts=tuple(a.restarts),
                  snr_gamma=a.snr_gamma or None, vae_dir=Path(a.vae) if a.vae else None, reader_steps=a.reader_steps)
 
 
