@@ -100,8 +100,20 @@ def test_evaluate_scores_pipelines_against_the_first(capsys, narrow_dirs, tmp_pa
     rows = json.loads(out)
     assert code == 0 and [r["n"] for r in rows] == [2, 2]
     assert rows[0]["agreement_with_first"] is None and rows[1]["agreement_with_first"] == 1.0  # same model, same seeds
-    code, out, _ = _cli(capsys, "evaluate", teacher, "--prompts", "2")
     counts = sorted(k[len("accuracy_"):-3] for k in rows[0] if k.startswith("accuracy_"))  # accuracy by object count
-    assert code == 0 and counts and all(f"| {n}-object |" in out.splitlines()[0] + " " for n in counts)
+    code, out, _ = _cli(capsys, "evaluate", teacher, "--prompts", "2")
+    assert code == 0 and counts and all(f"| {n}-object |" in out.splitlines()[0] for n in counts)
+    code, out, err = _cli(capsys, "evaluate", teacher, "--prompts", "2", "--split", "train")
+    assert code == 0 and "2 training-split (new captions, seen compositions) captions" in err
     code, _, err = _cli(capsys, "evaluate", str(tmp_path))
     assert code != 0 and "not a pipeline folder" in err and "Traceback" not in err
+
+
+def test_evaluation_splits_hold_and_exclude_the_held_out_compositions():
+    from distill_sd.demo import eval_scenes
+    from distill_sd.shapes.world import HELDOUT_COMBOS
+
+    def held_out(scene):
+        return any((o.shape, o.colour) in HELDOUT_COMBOS for o in scene.objects)
+
+    assert all(held_out(s) for s in eval_scenes(60)) and not any(held_out(s) for s in eval_scenes(60, "train"))

@@ -232,7 +232,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     for m in args.model:
         if not (Path(m) / "model_index.json").is_file():
             raise UserError(f"'{m}' is not a pipeline folder (no model_index.json)")
-    scenes = eval_scenes(args.prompts)
+    scenes = eval_scenes(args.prompts, args.split)
     results = []
     with tqdm(total=len(scenes) * len(args.model), desc="evaluating on held-out compositions", unit="image") as bar:
         for m in args.model:
@@ -249,7 +249,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                          [[r["model"], *(f"{100 * r[c]:.1f} %" for c in checks),
                            "-" if r["agreement_with_first"] is None else f"{100 * r['agreement_with_first']:.0f} %",
                            f"{r['seconds_per_image']:.3f}"] for r in rows]))
-    print(f"{len(scenes)} held-out captions, DPM++ {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}, seed {EVAL_SEED} + index",
+    what = "held-out" if args.split == "heldout" else "training-split (new captions, seen compositions)"
+    print(f"{len(scenes)} {what} captions, DPM++ {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}, seed {EVAL_SEED} + index",
           file=sys.stderr)
 
 
@@ -464,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="shapes world: exact held-out accuracy of pipelines (same prompts and seeds)")
     s.add_argument("model", nargs="+", help="pipeline folders; agreement is measured against the first")
     s.add_argument("--prompts", type=int, default=300, help="number of held-out captions")
+    s.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                   help="heldout: compositions never seen in training (default); train: new captions of the "
+                        "training split's compositions, to measure the generalisation gap")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_evaluate)
 

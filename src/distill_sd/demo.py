@@ -163,12 +163,13 @@ def distill_config(teacher_path: Path, student: str, cache: Path, out: Path, bud
     return TrainConfig(**{**options, **overrides})
 
 
-def eval_scenes(n: int) -> list[Any]:
-    """The held-out compositions every model is scored on (the same ones for a given n)."""
-    from distill_sd.shapes import heldout_prompts
+def eval_scenes(n: int, split: str = "heldout") -> list[Any]:
+    """The held-out compositions every model is scored on (the same ones for a given n); split="train" gives
+    captions of the training split's compositions instead (a generalisation-gap check)."""
     from distill_sd.shapes.teacher import EVAL_SEED
+    from distill_sd.shapes.world import sample_scenes
 
-    return heldout_prompts(n, seed=EVAL_SEED)
+    return sample_scenes(n, EVAL_SEED, split)
 
 
 def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalResult | None = None,
