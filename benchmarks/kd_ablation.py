@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""kd_ablation: what do the distillation terms buy? bk-tiny distilled from the shapes teacher three ways.
+"""kd_ablation: what do the distillation terms buy? bk-tiny distilled from the shapes teacher four ways.
 
-    task            task loss only                     (loss_out 0, loss_feat 0)
-    task+out        task + output KD                   (loss_feat 0)
-    task+out+feat   task + output + feature KD         (the demo's recipe `balanced`, weights 1/1/1)
+    task              task loss only                     (loss_out 0, loss_feat 0)
+    task+out          task + output KD                   (loss_feat 0)
+    task+out+feat     task + output + feature KD         (recipe `balanced`: weights 1/1/1)
+    task+out+2feat    ... with the feature term doubled  (weights 1/1/2: the demo's recipe)
 
 Everything else is `distill-sd demo`'s bk-tiny run, through demo.py's own functions: the same training split
 (FULL budget: 4096 images, exported with the demo's seed 0) cached once with the teacher's encoders
@@ -12,14 +13,14 @@ captions, EMA 0.99, the demo's 600 steps unless --steps says otherwise; only the
 and the same evaluation (`demo.eval_scenes` + `demo.evaluate_model`: the 96 held-out compositions, DPM++ 20
 steps, guidance 4.0, seed 1234 + prompt index, agreement measured against the teacher's image of the same
 prompt and noise). Each variant runs with training seeds 0..N-1; one seed is one (data order, noise,
-timesteps) draw and is shared by the three variants, so differences within a seed are paired. Seed 0 of
-task+out+feat at the default --steps is the demo's bk-tiny configuration.
+timesteps) draw and is shared by the four variants, so differences within a seed are paired. Seed 0 of
+task+out+2feat at the default --steps is the demo's bk-tiny configuration.
 
 Per variant: median and min-max over seeds of held-out accuracy and agreement with the teacher, and the
 paired difference to `task`; plus one row per (variant, seed). Results go to --out (default
 benchmarks/results) as kd_ablation.md and kd_ablation.json; the markdown table is printed.
 
-    python benchmarks/kd_ablation.py                                    # FULL budget, 3 seeds x 3 variants
+    python benchmarks/kd_ablation.py                                    # FULL budget, 3 seeds x 4 variants
     python benchmarks/kd_ablation.py --teacher DIR --steps 2 --seeds 1 --prompts 4 --images 256 \\
         --out /tmp/kd-ablation-smoke                                    # smoke test
 """
@@ -59,7 +60,8 @@ DATA_SEED = 0  # run_demo's default seed: the demo's training split
 VARIANTS: dict[str, tuple[str, dict[str, float]]] = {  # name -> (label, TrainConfig overrides)
     "task": ("task loss only", {"loss_out": 0.0, "loss_feat": 0.0}),
     "task+out": ("task + output KD", {"loss_feat": 0.0}),
-    "task+out+feat": ("task + output + feature KD (demo recipe)", {}),
+    "task+out+feat": ("task + output + feature KD (weights 1/1/1)", {"loss_feat": 1.0}),
+    "task+out+2feat": ("task + output + 2 x feature KD (demo recipe)", {}),
 }
 BASELINE = "task"
 
@@ -215,8 +217,8 @@ def markdown(rep: dict[str, Any]) -> str:
     c, s, m = rep["config"], rep["summary"], rep["machine"]
     n = c["eval_prompts"]
     lines = [
-        f"kd_ablation: the shapes teacher distilled into {c['student']} three ways, {c['steps']} steps x batch "
-        f"{c['batch_size']} (lr {c['learning_rate']}, constant) on {c['train_images']} training images, training "
+        f"kd_ablation: the shapes teacher distilled into {c['student']} {len(rep['variants'])} ways, {c['steps']} steps "
+        f"x batch {c['batch_size']} (lr {c['learning_rate']}, constant) on {c['train_images']} training images, training "
         f"seeds {', '.join(map(str, c['seeds']))}; each run scored on {n} held-out compositions (DPM++ "
         f"{c['eval_steps']} steps, guidance {c['eval_guidance']}, seed {c['eval_seed']} + prompt index), as in "
         "`distill-sd demo`.",
@@ -249,11 +251,11 @@ def markdown(rep: dict[str, Any]) -> str:
         f"caption (shapes scorer); one image is {100 / n:.2f} points. agrees with teacher: fraction of images whose "
         "detected objects (colour, shape, coarse position) equal those of the teacher's image for the same prompt "
         "and seed.",
-        "- The three variants share the training data, the student's initialisation (bk-tiny, built from the "
+        "- The variants share the training data, the student's initialisation (bk-tiny, built from the "
         "teacher's weights) and, per seed, the data order and every noise and timestep draw; only the loss weights "
         "differ. The teacher still runs every step in the task-only variant (same step cost, its output unused).",
-        "- The three variants of a seed train side by side, one process each (`demo.distill_in_parallel`); train s is "
-        "the wall time of that seed's three runs together, s / step the per-run step time while sharing the cores.",
+        "- The variants of a seed train side by side, one process each (`demo.distill_in_parallel`); train s is "
+        "the wall time of that seed's runs together, s / step the per-run step time while sharing the cores.",
         f"- One-off data export + cache: {rep['prepare_s']:.0f} s. Teacher evaluation: {rep['teacher']['eval_s']:.0f} s. "
         f"Student U-Net: {rep['student'].get('unet_params', 0) / 1e6:.2f} M parameters.",
         f"- Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, torch threads {m['torch_threads']} "
