@@ -129,3 +129,16 @@ def test_teacher_recipe_runs_every_cycle_and_reuses_finished_stages(vae_dir, tmp
     make_teacher(work, tmp_path / "again", **kw)
     again = load_file(tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(again[k], v) for k, v in load_file(weights).items())
+
+
+def test_teacher_restarts_parse_steps_and_learning_rate():
+    import argparse
+
+    import pytest
+
+    from distill_sd.shapes.teacher import parse_restart
+
+    assert parse_restart("7000:5e-4") == (7000, 5e-4)
+    for bad in ("7000", "x:1e-4", "0:1e-4", "100:0", "100:-1e-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="STEPS:LEARNING_RATE"):
+            parse_restart(bad)

@@ -8,8 +8,8 @@ runs every stage with the project's own commands' code: train the VAE (shapes.va
 SD-1-topology U-Net config), export the training split as an image folder, cache latents and text embeddings
 (`distill-sd cache`), pretrain the U-Net (`distill-sd pretrain`: one cosine cycle at lr 1e-3), train it on
 for two more cosine cycles, each from the previous one's EMA weights (`distill-sd finetune`, lr 5e-4 then 2.5e-4:
-warm restarts; each cycle was still improving when its learning rate reached zero), evaluate on held-out compositions and save
-the pipeline with fp16 weights (the repository budget is 25 MB; the weights load into fp32 models with stock
+warm restarts; each cycle was still improving when its learning rate reached zero), evaluate on held-out
+compositions and save the pipeline with fp16 weights (the repository budget is 25 MB; the weights load into fp32 models with stock
 diffusers). Every stage resumes: rerun the same command after an interruption.
 """
 
@@ -40,9 +40,12 @@ def parse_restart(text: str) -> tuple[int, float]:
     """`7000:5e-4` -> (7000, 0.0005), for --restarts."""
     steps, _, lr = text.partition(":")
     try:
-        return int(steps), float(lr)
+        parsed = int(steps), float(lr)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected STEPS:LEARNING_RATE such as 7000:5e-4, got {text!r}") from None
+        parsed = (0, 0.0)
+    if parsed[0] < 1 or not parsed[1] > 0:
+        raise argparse.ArgumentTypeError(f"expected STEPS:LEARNING_RATE with both > 0, such as 7000:5e-4, got {text!r}")
+    return parsed
 
 
 def teacher_dir() -> Path:
