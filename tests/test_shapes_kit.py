@@ -134,8 +134,6 @@ def test_teacher_recipe_runs_every_cycle_and_reuses_finished_stages(vae_dir, tmp
 def test_teacher_restarts_parse_steps_and_learning_rate():
     import argparse
 
-    import pytest
-
     from distill_sd.shapes.teacher import parse_restart
 
     assert parse_restart("7000:5e-4") == (7000, 5e-4)
