@@ -225,7 +225,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from distill_sd.demo import eval_scenes, evaluate_model
     from distill_sd.report import markdown_table
     from distill_sd.shapes import CHECKS
+    from distill_sd.shapes.scorer import count_key
     from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS
+    from distill_sd.shapes.world import OBJECT_COUNTS
 
     if args.prompts < 1:
         raise UserError("--prompts must be >= 1")
@@ -242,9 +244,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    by_count = sorted(k for k in rows[0] if k.startswith("accuracy_") and k.endswith("obj"))  # accuracy_1obj, ...
-    checks = ["accuracy", *by_count, *CHECKS]
-    names = ["accuracy", *(f"{k[len('accuracy_'):-3]}-object" for k in by_count), *CHECKS]
+    counts = [k for k in OBJECT_COUNTS if count_key(k) in rows[0]]  # accuracy by objects per caption
+    checks = ["accuracy", *(count_key(k) for k in counts), *CHECKS]
+    names = ["accuracy", *(f"{k}-object" for k in counts), *CHECKS]
     print(markdown_table(["model", *names, "agrees with first", "s / image"],
                          [[r["model"], *(f"{100 * r[c]:.1f} %" for c in checks),
                            "-" if r["agreement_with_first"] is None else f"{100 * r['agreement_with_first']:.0f} %",

@@ -206,13 +206,15 @@ def _rows(results: list[Any]) -> list[dict[str, Any]]:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     from distill_sd.report import human, markdown_table
+    from distill_sd.shapes.scorer import count_key
+    from distill_sd.shapes.world import OBJECT_COUNTS
 
     return markdown_table(
         ["model", "accuracy", "vs teacher", "1- / 2-object captions", "agrees with teacher",
          "colour / shape / position ok", "U-Net params", "U-Net MACs", "s / image"],
         [[r["model"], f"{100 * r['accuracy']:.1f} %", f"{100 * r['accuracy_vs_teacher']:.0f} %",
-          " / ".join(f"{100 * r[f'check_accuracy_{k}obj']:.0f} %" if f"check_accuracy_{k}obj" in r else "-"
-                     for k in (1, 2)),
+          " / ".join(f"{100 * r[f'check_{count_key(k)}']:.0f} %" if f"check_{count_key(k)}" in r else "-"
+                     for k in OBJECT_COUNTS),
           "-" if r["agreement_with_teacher"] is None else f"{100 * r['agreement_with_teacher']:.0f} %",
           " / ".join(f"{100 * r[f'check_{k}']:.0f} %" for k in ("colour", "shape", "position")),
           human(r["unet_params"]), human(r["unet_macs"]), f"{r['seconds_per_image']:.3f}"] for r in rows])

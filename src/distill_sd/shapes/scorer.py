@@ -35,6 +35,7 @@ from PIL import Image
 from distill_sd.shapes.world import (
     BACKGROUND,
     COLOURS,
+    OBJECT_COUNTS,
     PALETTE,
     RELATIONS,
     SIZE_THRESHOLD,
@@ -140,11 +141,16 @@ def score_image(image: Image.Image | np.ndarray, record: Scene | dict[str, Any])
     return ImageScore(**checks, correct=all(checks.values()), detected=tuple(detected))
 
 
+def count_key(k: int) -> str:
+    """score_batch's key for the accuracy over captions naming k objects."""
+    return f"accuracy_{k}obj"
+
+
 def score_batch(
     images: Iterable[Image.Image | np.ndarray], records: Sequence[Scene | dict[str, Any]]
 ) -> dict[str, float]:
     """Per-check accuracy over a batch, plus `accuracy` (fraction of fully correct images), `n`, and the
-    accuracy of the images whose caption names k objects, `accuracy_{k}obj` (one- and two-object scenes
+    accuracy of the images whose caption names k objects, `count_key(k)` (one- and two-object scenes
     are different difficulties: binding two colours, shapes and a relation is where models fail)."""
     scenes = [r if isinstance(r, Scene) else Scene.from_dict(r) for r in records]
     scores = [score_image(image, scene) for image, scene in zip(images, scenes, strict=True)]
@@ -153,9 +159,10 @@ def score_batch(
     result = {check: float(np.mean([getattr(s, check) for s in scores])) for check in CHECKS}
     result["accuracy"] = float(np.mean([s.correct for s in scores]))
     result["n"] = len(scores)
-    for k in sorted({len(scene.objects) for scene in scenes}):
-        result[f"accuracy_{k}obj"] = float(np.mean([s.correct for s, scene in zip(scores, scenes)
-                                                    if len(scene.objects) == k]))
+    for k in OBJECT_COUNTS:
+        correct = [s.correct for s, scene in zip(scores, scenes) if len(scene.objects) == k]
+        if correct:
+            result[count_key(k)] = float(np.mean(correct))
     return result
 
 

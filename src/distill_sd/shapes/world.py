@@ -36,6 +36,7 @@ from distill_sd.errors import UserError
 Split = Literal["train", "heldout", "all"]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+OBJECT_COUNTS: tuple[int, ...] = (1, 2)  # objects per scene
 
 # Saturated colours, pairwise RGB distance >= 130 and far from the background, so a nearest-colour
 # classifier with a distance threshold segments them even after blur and noise.
@@ -226,7 +227,7 @@ def export_image_folder(
 
 
 def _sample_scene(rng: random.Random, split: Split) -> Scene:
-    n_objects = rng.choice((1, 2))
+    n_objects = rng.choice(OBJECT_COUNTS)
     combos = _sample_combos(rng, n_objects, split)
     mentions_size = rng.random() < 0.5
     if n_objects == 1:
