@@ -118,7 +118,7 @@ def shapes_unet_config(block_out_channels: tuple[int, ...] | list[int] | None = 
 def build_kit(out_dir: str | Path, vae_dir: str | Path | None = None, seed: int = 0,
               block_out_channels: tuple[int, ...] | list[int] | None = None,
               text_embedding_std: tuple[float, float] | None = TEXT_EMBEDDING_STD,
-              reader_steps: int = READER_STEPS) -> Path:
+              reader_steps: int = READER_STEPS, reader_nouns: bool = False) -> Path:
     """Write the shapes teacher kit (a StableDiffusionPipeline directory) to `out_dir` and return it.
 
     `vae_dir` is a trained shapes VAE (default: the one shipped in distill_sd/shapes/assets/vae).
@@ -157,7 +157,7 @@ def build_kit(out_dir: str | Path, vae_dir: str | Path | None = None, seed: int 
     if reader_steps:
         from distill_sd.shapes.reader import pretrain_reader
 
-        pretrain_reader(text_encoder, tokenizer, steps=reader_steps, seed=seed)
+        pretrain_reader(text_encoder, tokenizer, steps=reader_steps, seed=seed, nouns=reader_nouns)
     torch.manual_seed(seed + 1)
     unet_cfg = shapes_unet_config(block_out_channels, sample_size=vae.config.sample_size // vae_factor)
     unet = UNet2DConditionModel.from_config(unet_cfg)

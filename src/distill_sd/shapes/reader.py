@@ -19,6 +19,12 @@ read about green circles long before any diffusion model is trained on top of it
 U-Net still never sees an *image* of a held-out pair, so the held-out evaluation still measures compositional
 generalisation of the image model. (`split="train"` keeps those captions from the encoder as well; it then
 reads held-out captions less reliably.) `reader_accuracy` measures how well a probe reads captions.
+
+`nouns=True` adds a second target: each shape word must carry its own object's colour and stated size
+(`noun_targets`). Under causal attention the second shape word of "a red circle left of a blue square" has
+read both colours, and the region task alone does not make it keep which one is its own (a linear probe on
+it mixes the two), while a U-Net attending to shape words needs exactly that binding. Experimental: the
+shipped teacher was trained without it.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("colour", ("none", *COLOURS)), ("shape", ("none", *SHAPES)), ("size", ("none", *SIZE_RANGES)))
 MIN_STEPS = 20  # the one-cycle schedule's 10 % warm-up needs at least two steps
 _N_CLASSES = sum(len(values) for _, values in ATTRIBUTES)
+# What each shape word is taught to carry about its own object (pretrain_reader(nouns=True)).
+NOUN_ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (("colour", COLOURS), ("size", tuple(SIZE_RANGES)))
 
 
 def scene_targets(scene: Scene) -> list[int]:
@@ -72,11 +80,27 @@ def _batch(tokenizer, scenes: list[Scene], device: torch.device):
     eos = ids == tokenizer.eos_token_id
     readout = eos.cumsum(1) > 0
     targets = torch.tensor([scene_targets(s) for s in scenes], device=device)
-    return ids, readout, targets
+    return ids, readout, targets, noun_targets(tokenizer, scenes, ids)
 
 
-def _logits(text_encoder: nn.Module, probe: nn.Linear, ids: torch.Tensor) -> torch.Tensor:
-    hidden = text_encoder(ids).last_hidden_state  # what the U-Net cross-attends to
+def noun_targets(tokenizer, scenes: list[Scene], ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, len(NOUN_ATTRIBUTES)): at each shape word, the class index of the colour and of the stated size of
+    the object it names (objects are described in caption order; -100, ignored, for an unstated size and at
+    every other token)."""
+    shape_ids = {tokenizer.convert_tokens_to_ids(f"{shape}</w>") for shape in SHAPES}
+    targets = torch.full((*ids.shape, len(NOUN_ATTRIBUTES)), -100, dtype=torch.long)
+    for row, scene in enumerate(scenes):
+        nouns = [t for t, i in enumerate(ids[row].tolist()) if i in shape_ids]
+        assert len(nouns) == len(scene.objects), scene.caption
+        for t, obj in zip(nouns, scene.objects):
+            targets[row, t, 0] = COLOURS.index(obj.colour)
+            if scene.mentions_size:
+                targets[row, t, 1] = tuple(SIZE_RANGES).index(obj.size)
+    return targets.to(ids.device)
+
+
+def _logits(hidden: torch.Tensor, probe: nn.Linear) -> torch.Tensor:
+    """hidden: the encoder's last hidden state, what the U-Net cross-attends to."""
     return probe(hidden).unflatten(-1, (len(REGIONS), _N_CLASSES))  # (B, T, regions, classes)
 
 
@@ -96,9 +120,19 @@ def _loss_and_hits(logits: torch.Tensor, readout: torch.Tensor, targets: torch.T
     return loss / (len(REGIONS) * len(ATTRIBUTES)), right
 
 
+def _noun_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each shape word's own object's attributes (NOUN_ATTRIBUTES), averaged over attributes."""
+    loss, start = 0.0, 0
+    for k, (_, values) in enumerate(NOUN_ATTRIBUTES):
+        loss = loss + nn.functional.cross_entropy(logits[..., start:start + len(values)].transpose(1, 2),
+                                                  targets[..., k])
+        start += len(values)
+    return loss / len(NOUN_ATTRIBUTES)
+
+
 def pretrain_reader(text_encoder: nn.Module, tokenizer, *, steps: int = 1500, batch_size: int = 128,
                     learning_rate: float = 3e-3, captions: int = 20000, split: str = "all", seed: int = 0,
-                    progress: bool = True) -> nn.Linear:
+                    nouns: bool = False, progress: bool = True) -> nn.Linear:
     """Train `text_encoder` in place (see the module docstring) and return the probe (for `reader_accuracy`;
     it is not part of the pipeline). The encoder is left frozen (requires_grad False) and in eval mode."""
     if steps < MIN_STEPS:
@@ -108,18 +142,23 @@ def pretrain_reader(text_encoder: nn.Module, tokenizer, *, steps: int = 1500, ba
     scenes = sample_scenes(min(captions, steps * batch_size), seed=seed + 7919, split=split)  # not the U-Net's seed
     torch.manual_seed(seed)
     probe = nn.Linear(text_encoder.config.hidden_size, len(REGIONS) * _N_CLASSES).to(device)
-    text_encoder.train().requires_grad_(True)
     params = [*text_encoder.parameters(), *probe.parameters()]
+    if nouns:
+        noun_probe = nn.Linear(text_encoder.config.hidden_size, sum(len(v) for _, v in NOUN_ATTRIBUTES)).to(device)
+        params += noun_probe.parameters()
+    text_encoder.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps,
                                                    pct_start=0.1)
-    all_ids, all_readout, all_targets = _batch(tokenizer, scenes, device)  # tokenise once
+    all_ids, all_readout, all_targets, all_nouns = _batch(tokenizer, scenes, device)  # tokenise once
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="text encoder: learn to read captions", disable=not progress, dynamic_ncols=True)
     for step in bar:
         pick = torch.randint(len(scenes), (batch_size,), generator=g).to(device)
-        logits = _logits(text_encoder, probe, all_ids[pick])
-        loss, _ = _loss_and_hits(logits, all_readout[pick], all_targets[pick])
+        hidden = text_encoder(all_ids[pick]).last_hidden_state
+        loss, _ = _loss_and_hits(_logits(hidden, probe), all_readout[pick], all_targets[pick])
+        if nouns:
+            loss = loss + _noun_loss(noun_probe(hidden), all_nouns[pick])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -133,6 +172,6 @@ def pretrain_reader(text_encoder: nn.Module, tokenizer, *, steps: int = 1500, ba
 @torch.no_grad()
 def reader_accuracy(text_encoder: nn.Module, probe: nn.Linear, tokenizer, scenes: list[Scene]) -> float:
     """Fraction of captions whose whole region table `probe` (from pretrain_reader) reads correctly."""
-    ids, readout, targets = _batch(tokenizer, scenes, next(text_encoder.parameters()).device)
-    _, right = _loss_and_hits(_logits(text_encoder, probe, ids), readout, targets)
+    ids, readout, targets, _ = _batch(tokenizer, scenes, next(text_encoder.parameters()).device)
+    _, right = _loss_and_hits(_logits(text_encoder(ids).last_hidden_state, probe), readout, targets)
     return right.float().mean().item()

@@ -85,7 +85,7 @@ def save_shipped(pipe_dir: Path, out: Path) -> None:
 def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: int, seed: int = 0,
                  learning_rate: float = 1e-3, restarts: tuple[tuple[int, float], ...] = RESTARTS,
                  snr_gamma: float | None = 5.0, vae_dir: Path | None = None, eval_prompts: int = 300,
-                 reader_steps: int | None = None) -> dict:
+                 reader_steps: int | None = None, reader_nouns: bool = False) -> dict:
     from distill_sd.cache import build_cache
     from distill_sd.evaluate import evaluate
     from distill_sd.models import check_new_output_dir, load_teacher
@@ -98,7 +98,8 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
     work.mkdir(parents=True, exist_ok=True)
     vae = vae_dir if vae_dir is not None else (work / "vae" if (work / "vae").is_dir() else train_vae(work / "vae"))
     kit = work / "kit" if (work / "kit").is_dir() else build_kit(
-        work / "kit", vae, seed=seed, reader_steps=READER_STEPS if reader_steps is None else reader_steps)
+        work / "kit", vae, seed=seed, reader_steps=READER_STEPS if reader_steps is None else reader_steps,
+        reader_nouns=reader_nouns)
     data = work / "data" if (work / "data").is_dir() else export_image_folder(work / "data", images, seed, "train")
     if not (work / "cache").is_dir():
         build_cache(load_teacher(kit).pipeline, str(kit), str(data), work / "cache", resolution=64, batch_size=64)
@@ -149,13 +150,16 @@ def main() -> None:
                         f"(default: {' '.join(f'{n}:{lr:g}' for n, lr in RESTARTS)}; none: `--restarts` alone)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting gamma (0: off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reader-nouns", action="store_true",
+                   help="the text encoder also learns to carry each object's colour on its shape word")
     p.add_argument("--vae", help="an already trained shapes VAE folder")
     p.add_argument("--reader-steps", type=int, default=None,
                    help="steps teaching the text encoder to read captions (default: the kit's; 0: keep it random)")
     a = p.parse_args()
     make_teacher(Path(a.work), Path(a.out), steps=a.steps, images=a.images, batch_size=a.batch_size,
                  seed=a.seed, learning_rate=a.learning_rate, restarts=tuple(a.restarts),
-                 snr_gamma=a.snr_gamma or None, vae_dir=Path(a.vae) if a.vae else None, reader_steps=a.reader_steps)
+                 snr_gamma=a.snr_gamma or None, vae_dir=Path(a.vae) if a.vae else None, reader_steps=a.reader_steps,
+                 reader_nouns=a.reader_nouns)
 
 
 if __name__ == "__main__":
