@@ -73,14 +73,14 @@ def scene_targets(scene: Scene) -> list[int]:
     return targets
 
 
-def _batch(tokenizer, scenes: list[Scene], device: torch.device):
+def _batch(tokenizer, scenes: list[Scene], device: torch.device, nouns: bool = False):
     ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)
     # Read-out positions: the first end-of-text token and every pad after it (pads are <|endoftext|> too).
     eos = ids == tokenizer.eos_token_id
     readout = eos.cumsum(1) > 0
     targets = torch.tensor([scene_targets(s) for s in scenes], device=device)
-    return ids, readout, targets, noun_targets(tokenizer, scenes, ids)
+    return ids, readout, targets, noun_targets(tokenizer, scenes, ids) if nouns else None
 
 
 def noun_targets(tokenizer, scenes: list[Scene], ids: torch.Tensor) -> torch.Tensor:
@@ -93,9 +93,9 @@ def noun_targets(tokenizer, scenes: list[Scene], ids: torch.Tensor) -> torch.Ten
         nouns = [t for t, i in enumerate(ids[row].tolist()) if i in shape_ids]
         assert len(nouns) == len(scene.objects), scene.caption
         for t, obj in zip(nouns, scene.objects):
-            targets[row, t, 0] = COLOURS.index(obj.colour)
-            if scene.mentions_size:
-                targets[row, t, 1] = tuple(SIZE_RANGES).index(obj.size)
+            for k, (name, values) in enumerate(NOUN_ATTRIBUTES):
+                if name != "size" or scene.mentions_size:
+                    targets[row, t, k] = values.index(getattr(obj, name))
     return targets.to(ids.device)
 
 
@@ -150,7 +150,7 @@ def pretrain_reader(text_encoder: nn.Module, tokenizer, *, steps: int = 1500, ba
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps,
                                                    pct_start=0.1)
-    all_ids, all_readout, all_targets, all_nouns = _batch(tokenizer, scenes, device)  # tokenise once
+    all_ids, all_readout, all_targets, all_nouns = _batch(tokenizer, scenes, device, nouns)  # tokenise once
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="text encoder: learn to read captions", disable=not progress, dynamic_ncols=True)
     for step in bar:

@@ -131,7 +131,7 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
                       steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
     summary = {"heldout_accuracy": result.accuracy, "scores": result.scores, "steps": steps, "images": images,
                "batch_size": batch_size, "learning_rate": learning_rate, "restarts": [list(r) for r in restarts],
-               "snr_gamma": snr_gamma, "seed": seed}
+               "snr_gamma": snr_gamma, "seed": seed, "reader_nouns": reader_nouns}
     (work / "teacher_eval.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
@@ -150,11 +150,11 @@ def main() -> None:
                         f"(default: {' '.join(f'{n}:{lr:g}' for n, lr in RESTARTS)}; none: `--restarts` alone)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting gamma (0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reader-nouns", action="store_true",
-                   help="the text encoder also learns to carry each object's colour on its shape word")
     p.add_argument("--vae", help="an already trained shapes VAE folder")
     p.add_argument("--reader-steps", type=int, default=None,
                    help="steps teaching the text encoder to read captions (default: the kit's; 0: keep it random)")
+    p.add_argument("--reader-nouns", action="store_true",
+                   help="experimental: each shape word also learns its own object's colour and stated size")
     a = p.parse_args()
     make_teacher(Path(a.work), Path(a.out), steps=a.steps, images=a.images, batch_size=a.batch_size,
                  seed=a.seed, learning_rate=a.learning_rate, restarts=tuple(a.restarts),
