@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from distill_sd.cli import main
 from distill_sd.shapes.teacher import teacher_dir
 
@@ -38,6 +40,10 @@ def test_quick_demo_writes_report_grid_and_tradeoff(tmp_path, capsys):
     assert [r["model"] for r in rows] == ["teacher", "bk-base", "bk-small", "bk-tiny"]
     assert rows[0]["unet_params"] > rows[1]["unet_params"] > rows[2]["unet_params"] > rows[3]["unet_params"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows) and rows[0]["check_presence"] > 0.5  # the teacher draws objects
+    assert rows[0]["accuracy_vs_teacher_90ci"] is None
+    for r in rows[1:]:  # each student's ratio comes with its bootstrap interval, which holds the ratio itself
+        lo, hi = r["accuracy_vs_teacher_90ci"]
+        assert lo <= r["accuracy_vs_teacher"] + 1e-9 and r["accuracy_vs_teacher"] <= hi + 1e-9
     for name in ("bk-base", "bk-small", "bk-tiny"):  # each student trained its full budget in its own process
         history = (out / "work" / f"run-{name}" / "history.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in history] == list(range(1, 21))
@@ -86,3 +92,19 @@ def test_grid_shows_whole_captions_and_frames_each_image_by_its_score(tmp_path):
     top_left = canvas[cap_h + 1, 90 + 1], canvas[cap_h + cell + 1, 90 + 1]
     assert top_left[0][1] > 150 > top_left[0][0]  # truth passes: green frame
     assert top_left[1][0] > 150 > top_left[1][1]  # blank fails: red frame
+
+
+def test_paired_ratio_interval_is_paired_and_narrows_with_more_prompts():
+    from distill_sd.evaluate import paired_ratio_interval
+
+    teacher = [True] * 70 + [False] * 26
+    # a student right on exactly the teacher's prompts: the ratio is 1 in every resample (unpaired it would not be)
+    assert paired_ratio_interval(list(teacher), teacher) == (1.0, 1.0)
+    # wrong on 7 of the teacher's 70: ratio 0.9, an interval around it that shrinks with 10x the prompts
+    student = [True] * 63 + [False] * 33
+    lo, hi = paired_ratio_interval(student, teacher)
+    lo10, hi10 = paired_ratio_interval(student * 10, teacher * 10)
+    assert lo < 0.9 < hi and lo < lo10 < 0.9 < hi10 < hi and hi <= 1.0
+    assert paired_ratio_interval(student, teacher) == (lo, hi)  # seeded
+    with pytest.raises(ValueError):
+        paired_ratio_interval(student[:-1], teacher)

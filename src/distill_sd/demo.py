@@ -196,8 +196,11 @@ def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalR
 
 
 def _rows(results: list[Any]) -> list[dict[str, Any]]:
+    from distill_sd.evaluate import paired_ratio_interval
+
     teacher = results[0]
     return [{"model": r.name, "accuracy": r.accuracy, "accuracy_vs_teacher": r.accuracy / max(teacher.accuracy, 1e-9),
+             "accuracy_vs_teacher_90ci": None if r is teacher else paired_ratio_interval(r.correct, teacher.correct),
              "agreement_with_teacher": r.agreement, "unet_params": r.unet_params, "unet_macs": r.unet_macs,
              "seconds_per_image": r.seconds_per_image, **{f"check_{k}": v for k, v in r.scores.items()
                                                           if k not in ("accuracy", "n")}}
@@ -212,12 +215,21 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(
         ["model", "accuracy", "vs teacher", "1- / 2-object captions", "agrees with teacher",
          "colour / shape / position ok", "U-Net params", "U-Net MACs", "s / image"],
-        [[r["model"], f"{100 * r['accuracy']:.1f} %", f"{100 * r['accuracy_vs_teacher']:.0f} %",
+        [[r["model"], f"{100 * r['accuracy']:.1f} %", _vs_teacher(r),
           " / ".join(f"{100 * r[f'check_{count_key(k)}']:.0f} %" if f"check_{count_key(k)}" in r else "-"
                      for k in OBJECT_COUNTS),
           "-" if r["agreement_with_teacher"] is None else f"{100 * r['agreement_with_teacher']:.0f} %",
           " / ".join(f"{100 * r[f'check_{k}']:.0f} %" for k in ("colour", "shape", "position")),
           human(r["unet_params"]), human(r["unet_macs"]), f"{r['seconds_per_image']:.3f}"] for r in rows])
+
+
+def _vs_teacher(row: dict[str, Any]) -> str:
+    """"93 % (86-100)": the accuracy ratio and its paired-bootstrap 90 % interval over the prompts."""
+    text = f"{100 * row['accuracy_vs_teacher']:.0f} %"
+    if row.get("accuracy_vs_teacher_90ci"):
+        lo, hi = row["accuracy_vs_teacher_90ci"]
+        text += f" ({100 * lo:.0f}-{100 * hi:.0f})"
+    return text
 
 
 def _report(table: str, budget: Budget, n_prompts: int, minutes: float, quick: bool) -> str:
@@ -236,6 +248,9 @@ the teacher's training, EMA of the weights), then evaluated on {n_prompts} capti
 
 - accuracy: fraction of images whose objects, colours, shapes, sizes, positions and count all match the
   caption, read exactly by the shapes scorer.
+- vs teacher: the student's accuracy over the teacher's, and in brackets its 90 % interval from a paired
+  bootstrap over the {n_prompts} captions (both models resampled on the same captions): how far this many
+  captions pin the ratio down.
 - 1- / 2-object captions: accuracy over the captions naming one object ("a small red circle on the left") and
   two ("a red circle above a blue square"): binding two colours, shapes and a relation is the hard part.
 - colour / shape / position ok: the scorer's separate checks (each over all images), which show what a

@@ -153,7 +153,11 @@ def score_batch(
     accuracy of the images whose caption names k objects, `count_key(k)` (one- and two-object scenes
     are different difficulties: binding two colours, shapes and a relation is where models fail)."""
     scenes = [r if isinstance(r, Scene) else Scene.from_dict(r) for r in records]
-    scores = [score_image(image, scene) for image, scene in zip(images, scenes, strict=True)]
+    return aggregate_scores([score_image(image, scene) for image, scene in zip(images, scenes, strict=True)], scenes)
+
+
+def aggregate_scores(scores: Sequence[ImageScore], scenes: Sequence[Scene]) -> dict[str, float]:
+    """score_batch's summary of already scored images (`scores[i]` scores an image of `scenes[i]`)."""
     if not scores:
         raise ValueError("score_batch needs at least one image")
     result = {check: float(np.mean([getattr(s, check) for s in scores])) for check in CHECKS}
