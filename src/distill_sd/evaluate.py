@@ -86,4 +86,3 @@ def paired_ratio_interval(correct: list[bool], reference: list[bool], *, level: 
     ratios = a[picks].sum(1) / np.maximum(b[picks].sum(1), 1)
     lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
-
