@@ -80,7 +80,6 @@ def test_noun_targets_mark_each_shape_word_with_its_objects_colour():
     assert (targets[..., 1] >= 0).any() and (targets[..., 1] < 0).any()  # both kinds of caption were checked
 
 
-
 def test_reader_nouns_put_each_objects_colour_on_its_own_shape_word():
     # Under causal attention the second shape word has read both colours of a two-object caption; the noun
     # targets teach it which one is its own. A linear probe on that word then reads the colour on held-out

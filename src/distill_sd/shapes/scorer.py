@@ -159,7 +159,7 @@ def score_batch(
 def aggregate_scores(scores: Sequence[ImageScore], scenes: Sequence[Scene]) -> dict[str, float]:
     """score_batch's summary of already scored images (`scores[i]` scores an image of `scenes[i]`)."""
     if not scores:
-        raise ValueError("score_batch needs at least one image")
+        raise ValueError("scoring needs at least one image")
     result = {check: float(np.mean([getattr(s, check) for s in scores])) for check in CHECKS}
     result["accuracy"] = float(np.mean([s.correct for s in scores]))
     result["n"] = len(scores)
