@@ -58,6 +58,8 @@ def test_quick_demo_writes_report_grid_and_tradeoff(tmp_path, capsys):
     (foreign / "x.txt").write_text("keep")
     assert main(["demo", "--quick", "--out", str(foreign)]) != 0
     assert (foreign / "x.txt").read_text() == "keep"
+    assert main(["demo", "--quick", "--out", str(foreign / "x.txt")]) != 0  # a file: one line, not a traceback
+    assert (foreign / "x.txt").read_text() == "keep"
 
 
 def test_parallel_distillation_reports_a_worker_error_as_one_line(tmp_path):

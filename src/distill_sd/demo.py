@@ -52,8 +52,8 @@ def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUD
     if steps is not None:
         budget = Budget(budget.train_images, steps, budget.batch_size, budget.learning_rate, budget.eval_prompts)
     teacher_path = Path(teacher) if teacher else teacher_dir()
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not (out / MARKER).is_file():  # a file, or a folder that is not ours: never replaced
             raise UserError(f"'{out}' exists and is not a previous demo output; choose another --out")
         shutil.rmtree(out)
     work = out / "work"
