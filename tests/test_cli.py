@@ -86,8 +86,12 @@ def test_existing_output_is_never_overwritten(capsys, bad_inputs, narrow_dirs):
 def test_console_script_prints_no_traceback(tmp_path):
     """The installed entry point, in a fresh process: argument errors and user errors are single lines."""
     exe = [sys.executable, "-m", "distill_sd"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
     for argv, fragment in ((["inspect", str(tmp_path / "none")], "not found"),
-                           (["students", "--resolution", "100"], "multiple of 8")):
+                           (["students", "--resolution", "100"], "multiple of 8"),
+                           (["generate", str(tmp_path), "--prompt", "x", "--out", str(a_file / "images")],
+                            "Not a directory")):  # an OS error on a path the user gave
         proc = subprocess.run(exe + argv, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0
         assert fragment in proc.stderr and "Traceback" not in proc.stderr

@@ -175,6 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UserError("--num-images must be >= 1")
     GenerationParams(prompts[0], None, args.steps, args.guidance, 0, args.height or 8, args.width or 8, "", "").check()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the model has loaded and drawn
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                          lora=args.lora, compile=args.compile)
     size = default_size(pipe)
@@ -510,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except UserError as e:
         print(f"distill-sd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, keep its traceback
+            raise
+        print(f"distill-sd {args.command}: error: cannot use '{e.filename}' ({e.strerror}); check the path and "
+              "its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distill-sd {args.command}: interrupted", file=sys.stderr)
