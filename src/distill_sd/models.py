@@ -88,7 +88,7 @@ def load_teacher(source: str | os.PathLike, *, allow_pickle: bool = False, dtype
     elif _looks_like_hub_id(text):
         pipe = _load_hub(text, dtype)
     else:
-        raise UserError(f"teacher '{text}' not found: give a diffusers pipeline directory, a .safetensors file "
+        raise UserError(f"'{text}' not found: give a diffusers pipeline directory, a .safetensors file "
                         "or a hub id (org/name)")
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, UNet2DConditionModel):
