@@ -27,24 +27,20 @@ benchmarks/results) as kd_ablation.md and kd_ablation.json; the markdown table i
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-# libgomp's busy-wait makes every U-Net step ~100x slower on shared cores; must precede `import torch`.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from distill_sd.demo import (  # noqa: E402
+from distill_sd.demo import (
     FULL,
     Budget,
     cache_data,

@@ -32,24 +32,22 @@ shared cores it moves far less than wall time. The reference loop also records p
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
-# libgomp's busy-wait makes every U-Net step ~100x slower on shared cores; must precede `import torch`.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import distill_sd  # noqa: F401  (sets torch's OpenMP wait policy before torch loads; see its __init__)
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("ours", "ref")  # always measured; --extra adds EXTRA (the same command with other precision flags)

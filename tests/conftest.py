@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cli.py: busy-waiting threads stall shared cores
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
+import pytest
+
+import distill_sd  # noqa: F401  (sets torch's OpenMP wait policy before torch loads; see its __init__)
 
 # No set_num_threads here: in-process runs must use the same thread count as the CLI subprocesses they
 # are compared with (float reductions depend on it), i.e. torch's default.

@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from importlib import resources
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cli.py
-
-
-from distill_sd.errors import UserError  # noqa: E402
+from distill_sd.errors import UserError
 
 EVAL_SEED = 1234  # BK-SDM's evaluation seed
 EVAL_STEPS = 20
