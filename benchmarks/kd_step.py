@@ -213,7 +213,7 @@ def _mix(*values: int) -> int:
 # ============================================================================ measuring subprocesses
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error",
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error",
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
     return env

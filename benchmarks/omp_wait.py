@@ -31,6 +31,8 @@ VARIANTS = {  # environment of each variant (everything else inherited, minus th
 
 def worker(steps: int, batch: int) -> None:
     """Print the median wall time of `steps` training steps after one warm-up step."""
+    # torch (third-party) is imported before distill_sd: libgomp reads the variant's environment as torch loads
+    # it, so the package's defaults, set when distill_sd is imported, do not touch the variant under test.
     import time
 
     import torch
