@@ -108,7 +108,9 @@ def test_evaluate_scores_pipelines_against_the_first(capsys, narrow_dirs, tmp_pa
     code, out, _ = _cli(capsys, "evaluate", teacher, "--prompts", "2")
     assert code == 0 and counts and all(f"| {n}-object |" in out.splitlines()[0] for n in counts)
     code, out, err = _cli(capsys, "evaluate", teacher, "--prompts", "2", "--split", "train")
-    assert code == 0 and "2 training-split (new captions, seen compositions) captions" in err
+    assert code == 0 and "2 training-split (new captions, seen compositions) captions" in err and "seed 1234" in err
+    code, out, err = _cli(capsys, "evaluate", teacher, "--prompts", "2", "--seed", "99")
+    assert code == 0 and "seed 99 + index" in err  # another sample of captions and of noise
     code, _, err = _cli(capsys, "evaluate", str(tmp_path))
     assert code != 0 and "not a pipeline folder" in err and "Traceback" not in err
 
@@ -121,3 +123,6 @@ def test_evaluation_splits_hold_and_exclude_the_held_out_compositions():
         return any((o.shape, o.colour) in HELDOUT_COMBOS for o in scene.objects)
 
     assert all(held_out(s) for s in eval_scenes(60)) and not any(held_out(s) for s in eval_scenes(60, "train"))
+    other = eval_scenes(60, seed=99)  # another sample of the same split
+    assert all(held_out(s) for s in other) and [s.caption for s in other] != [s.caption for s in eval_scenes(60)]
+    assert [s.caption for s in eval_scenes(60, seed=1234)] == [s.caption for s in eval_scenes(60)]

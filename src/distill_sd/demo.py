@@ -166,19 +166,21 @@ def distill_config(teacher_path: Path, student: str, cache: Path, out: Path, bud
     return TrainConfig(**{**options, **overrides})
 
 
-def eval_scenes(n: int, split: str = "heldout") -> list[Any]:
-    """The held-out compositions every model is scored on (the same ones for a given n); split="train" gives
-    captions of the training split's compositions instead (a generalisation-gap check)."""
+def eval_scenes(n: int, split: str = "heldout", seed: int | None = None) -> list[Any]:
+    """The held-out compositions every model is scored on (the same ones for a given n and seed; default: the
+    teacher's EVAL_SEED); split="train" gives captions of the training split's compositions instead (a
+    generalisation-gap check)."""
     from distill_sd.shapes.teacher import EVAL_SEED
     from distill_sd.shapes.world import sample_scenes
 
-    return sample_scenes(n, EVAL_SEED, split)
+    return sample_scenes(n, EVAL_SEED if seed is None else seed, split)
 
 
 def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalResult | None = None,
-                   progress: Any = None) -> EvalResult:
-    """One pipeline's images of `scenes` (DPM++, the teacher's eval steps, guidance and seed), scored exactly;
-    agreement is measured against `reference` (the teacher's result) when given."""
+                   progress: Any = None, seed: int | None = None) -> EvalResult:
+    """One pipeline's images of `scenes` (DPM++, the teacher's eval steps and guidance; image i from seed + i,
+    default the teacher's EVAL_SEED), scored exactly; agreement is measured against `reference` (the teacher's
+    result) when given."""
     from distill_sd.evaluate import evaluate
     from distill_sd.generate import set_scheduler
     from distill_sd.measure import count_macs, count_params, meta_unet
@@ -188,7 +190,7 @@ def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalR
     pipe = load_teacher(path).pipeline
     set_scheduler(pipe, "dpm++")
     pipe.set_progress_bar_config(disable=True)
-    r = evaluate(name, pipe, scenes, seed=EVAL_SEED, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
+    r = evaluate(name, pipe, scenes, seed=EVAL_SEED if seed is None else seed, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
                  reference=reference, progress=progress)
     r.unet_params = count_params(pipe.unet)
     r.unet_macs = count_macs(meta_unet(pipe.unet.config), RESOLUTION, pipe.vae_scale_factor)
