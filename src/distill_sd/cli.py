@@ -224,7 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from distill_sd.report import markdown_table
     from distill_sd.shapes import CHECKS
     from distill_sd.shapes.scorer import count_key
-    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS
+    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_STEPS
     from distill_sd.shapes.world import OBJECT_COUNTS
 
     if args.prompts < 1:
@@ -232,13 +232,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     for m in args.model:
         if not (Path(m) / "model_index.json").is_file():
             raise UserError(f"'{m}' is not a pipeline folder (no model_index.json)")
-    seed = EVAL_SEED if args.seed is None else args.seed
-    scenes = eval_scenes(args.prompts, args.split, seed)
+    scenes = eval_scenes(args.prompts, args.split, args.seed)
     results = []
     with tqdm(total=len(scenes) * len(args.model), desc="evaluating on held-out compositions", unit="image") as bar:
         for m in args.model:
             results.append(evaluate_model(m, Path(m), scenes, reference=results[0] if results else None, progress=bar,
-                                          seed=seed))
+                                          seed=args.seed))
     rows = [{"model": r.name, **r.scores, "agreement_with_first": r.agreement, "seconds_per_image": r.seconds_per_image}
             for r in results]
     if args.json:
@@ -252,7 +251,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                            "-" if r["agreement_with_first"] is None else f"{100 * r['agreement_with_first']:.0f} %",
                            f"{r['seconds_per_image']:.3f}"] for r in rows]))
     what = "held-out" if args.split == "heldout" else "training-split (new captions, seen compositions)"
-    print(f"{len(scenes)} {what} captions, DPM++ {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}, seed {seed} + index",
+    print(f"{len(scenes)} {what} captions, DPM++ {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}, seed {args.seed} + index",
           file=sys.stderr)
 
 
@@ -356,7 +355,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     from distill_sd import __version__
-    from distill_sd.demo import FULL, QUICK
+    from distill_sd.demo import EVAL_SEED, FULL, QUICK
 
     p = _Parser(prog="distill-sd", description="Smaller, faster Stable Diffusion: block removal + distillation.")
     p.add_argument("--version", action="version", version=f"distill-sd {__version__}")
@@ -472,8 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=("heldout", "train"), default="heldout",
                    help="heldout: compositions never seen in training (default); train: new captions of the "
                         "training split's compositions, to measure the generalisation gap")
-    s.add_argument("--seed", type=int, help="draws the captions and each image's noise (image i: seed + i); "
-                   "default 1234, the demo's and the teacher card's")
+    s.add_argument("--seed", type=int, default=EVAL_SEED, help="draws the captions and each image's noise "
+                   "(image i: seed + i; default: %(default)s, the demo's and the teacher card's)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_evaluate)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill_sd.errors import UserError
+from distill_sd.shapes.teacher import EVAL_SEED  # light: the teacher script's constants, no torch
 
 if TYPE_CHECKING:
     from distill_sd.evaluate import EvalResult
@@ -166,31 +167,28 @@ def distill_config(teacher_path: Path, student: str, cache: Path, out: Path, bud
     return TrainConfig(**{**options, **overrides})
 
 
-def eval_scenes(n: int, split: str = "heldout", seed: int | None = None) -> list[Any]:
-    """The held-out compositions every model is scored on (the same ones for a given n and seed; default: the
-    teacher's EVAL_SEED); split="train" gives captions of the training split's compositions instead (a
-    generalisation-gap check)."""
-    from distill_sd.shapes.teacher import EVAL_SEED
+def eval_scenes(n: int, split: str = "heldout", seed: int = EVAL_SEED) -> list[Any]:
+    """The held-out compositions every model is scored on (the same ones for a given n and seed); split="train"
+    gives captions of the training split's compositions instead (a generalisation-gap check)."""
     from distill_sd.shapes.world import sample_scenes
 
-    return sample_scenes(n, EVAL_SEED if seed is None else seed, split)
+    return sample_scenes(n, seed, split)
 
 
 def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalResult | None = None,
-                   progress: Any = None, seed: int | None = None) -> EvalResult:
-    """One pipeline's images of `scenes` (DPM++, the teacher's eval steps and guidance; image i from seed + i,
-    default the teacher's EVAL_SEED), scored exactly; agreement is measured against `reference` (the teacher's
-    result) when given."""
+                   progress: Any = None, seed: int = EVAL_SEED) -> EvalResult:
+    """One pipeline's images of `scenes` (DPM++, the teacher's eval steps and guidance; image i from seed + i),
+    scored exactly; agreement is measured against `reference` (the teacher's result) when given."""
     from distill_sd.evaluate import evaluate
     from distill_sd.generate import set_scheduler
     from distill_sd.measure import count_macs, count_params, meta_unet
     from distill_sd.models import load_teacher
-    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS
+    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_STEPS
 
     pipe = load_teacher(path).pipeline
     set_scheduler(pipe, "dpm++")
     pipe.set_progress_bar_config(disable=True)
-    r = evaluate(name, pipe, scenes, seed=EVAL_SEED if seed is None else seed, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
+    r = evaluate(name, pipe, scenes, seed=seed, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
                  reference=reference, progress=progress)
     r.unet_params = count_params(pipe.unet)
     r.unet_macs = count_macs(meta_unet(pipe.unet.config), RESOLUTION, pipe.vae_scale_factor)
@@ -235,7 +233,7 @@ def _vs_teacher(row: dict[str, Any]) -> str:
 
 
 def _report(table: str, budget: Budget, n_prompts: int, minutes: float, quick: bool) -> str:
-    from distill_sd.shapes.teacher import EMPTY_PROMPTS, EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS
+    from distill_sd.shapes.teacher import EMPTY_PROMPTS, EVAL_GUIDANCE, EVAL_STEPS
 
     return f"""# distill-sd demo{' (quick)' if quick else ''}
 
