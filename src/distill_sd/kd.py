@@ -9,8 +9,9 @@ where names gain a `module.` prefix, and crashed under multi-GPU).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,45 @@ class FeatureTaps:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+TeacherOutputs = tuple[torch.Tensor, list[torch.Tensor]]  # the teacher's prediction, its tapped block outputs
+
+
+class TeacherForward:
+    """The frozen teacher's noise prediction and block outputs (`feature_names`, in that order) for a batch.
+
+    `submit(...)` returns a callable giving the result; here it runs the teacher when called, while
+    shared_teacher.TeacherClient, with the same interface, hands the batch to a teacher in another process
+    at once, so that work overlaps the student's forward.
+    """
+
+    def __init__(self, unet: torch.nn.Module, feature_names: Sequence[str], dtype: torch.dtype | None = None) -> None:
+        self.unet, self.names = unet, list(feature_names)
+        self.dtype = dtype or next(unet.parameters()).dtype
+        self.taps = FeatureTaps(unet, self.names) if self.names else None
+
+    @torch.no_grad()
+    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, unet_kwargs: dict[str, Any]) -> TeacherOutputs:
+        pred = self.unet(noisy.to(self.dtype), timesteps, **cast_floats(unet_kwargs, self.dtype)).sample
+        return pred, self.taps.take() if self.taps else []
+
+    def submit(self, noisy: torch.Tensor, timesteps: torch.Tensor,
+               unet_kwargs: dict[str, Any]) -> Callable[[], TeacherOutputs]:
+        return lambda: self(noisy, timesteps, unet_kwargs)
+
+    def remove(self) -> None:
+        if self.taps:
+            self.taps.remove()
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors of a (nested) U-Net kwargs dict in `dtype`; everything else as is."""
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
 
 
 @dataclass(frozen=True)

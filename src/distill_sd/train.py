@@ -23,14 +23,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill_sd.errors import UserError
 from distill_sd.generate import DTYPES
-from distill_sd.kd import FeatureTaps, LossWeights, distillation_loss
+from distill_sd.kd import FeatureTaps, LossWeights, TeacherForward, distillation_loss
+
+if TYPE_CHECKING:
+    from distill_sd.shared_teacher import TeacherClient
 
 MODES = ("pretrain", "finetune", "distill")
 RECIPES: dict[str, dict[str, Any]] = {
@@ -240,15 +243,6 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def _cast(value: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors of a (nested) U-Net kwargs dict in `dtype`; everything else as is."""
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(dtype)
-    return value
-
-
 def resolve_resume(out: Path, value: str | None) -> Path | None:
     if value is None:
         return None
@@ -358,9 +352,12 @@ def _vae_scale(pipe: Any) -> int:
 
 # ------------------------------------------------------------------------------------------ the loop
 
-def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None,
+          shared_teacher: TeacherClient | None = None) -> Path:
     """Run one training job; returns the output pipeline folder (`out/final`). `on_step(step, losses)` is
-    called after every optimisation step on the main process (e.g. to report progress to a parent process)."""
+    called after every optimisation step on the main process (e.g. to report progress to a parent process).
+    `shared_teacher` (distill): a teacher running in another process, serving several students at once
+    (shared_teacher.py); the teacher loaded here then only builds the student and is freed."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -390,6 +387,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     teacher_dtype = DTYPES.get(cfg.teacher_dtype, weight_dtype)
 
     models = load_models(cfg)
+    distilling = cfg.mode == "distill"
+    if shared_teacher is not None:
+        if not distilling:
+            raise ValueError("shared_teacher is for mode distill")
+        models.teacher = None
     base, student, teacher = models.base, models.student, models.teacher
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
@@ -468,10 +470,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
 
     # Feature taps on module objects of the unwrapped models: immune to DDP's `module.` renaming.
     weights = LossWeights(cfg.loss_task, cfg.loss_out, cfg.loss_feat, cfg.feature_norm)
-    distilling = teacher is not None
     use_feats = distilling and cfg.loss_feat > 0 and models.kd_pairs
     s_taps = FeatureTaps(raw_student, [s for s, _ in models.kd_pairs]) if use_feats else None
-    t_taps = FeatureTaps(teacher, [t for _, t in models.kd_pairs]) if use_feats else None
+    t_names = [t for _, t in models.kd_pairs] if use_feats else []
+    if not distilling:
+        teacher_forward = None
+    elif shared_teacher is not None:
+        teacher_forward = shared_teacher.tap(t_names)
+    else:
+        teacher_forward = TeacherForward(teacher, t_names, teacher_dtype)
 
     # -- resume ------------------------------------------------------------------------------------------------
     global_step = 0
@@ -522,14 +529,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         kwargs = cond.unet_kwargs(resolution)
+        # A shared teacher starts on this batch now and works while the student runs; a local one runs below.
+        pending = teacher_forward.submit(noisy, timesteps, kwargs) if distilling else None
         with accelerator.autocast():
             pred = student(noisy, timesteps, **kwargs).sample
         teacher_pred, s_feats, t_feats = None, [], []
         if distilling:
-            with torch.no_grad(), accelerator.autocast():
-                teacher_pred = teacher(noisy.to(teacher_dtype), timesteps, **_cast(kwargs, teacher_dtype)).sample
+            with accelerator.autocast():
+                teacher_pred, t_feats = pending()
             if use_feats:
-                s_feats, t_feats = s_taps.take(), t_taps.take()
+                s_feats = s_taps.take()
         snr_w = None
         if cfg.snr_gamma is not None:  # Min-SNR weighting (Hang et al. 2023), as in diffusers' scripts
             snr = compute_snr(noise_scheduler, timesteps)
@@ -610,7 +619,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         _save_final(cfg, models, final_unet, final_dir, last, data_stats)
     if s_taps is not None:
         s_taps.remove()
-        t_taps.remove()
+    if isinstance(teacher_forward, TeacherForward):
+        teacher_forward.remove()
     accelerator.end_training()
     return final_dir
 
