@@ -210,3 +210,28 @@ def test_two_process_ddp_distill_loads(narrow_dirs, shapes, tmp_path):
 
     pipe = DiffusionPipeline.from_pretrained(out / "final")
     assert pipe.unet.config.block_out_channels == [32, 64, 128]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_students_sharing_one_teacher_train_exactly_as_alone(narrow_dirs, shapes, tmp_path, arch):
+    """Runs side by side through one teacher process (demo.distill_in_parallel) end bit-identical to the same runs
+    each with its own teacher, including one with another seed, whose inputs differ: it gets its own forwards."""
+    import torch
+
+    from distill_sd.demo import distill_in_parallel, threads_per_job
+    from distill_sd.train import TrainConfig, train
+
+    def config(name: str, seed: int) -> TrainConfig:
+        return TrainConfig(mode="distill", teacher=str(narrow_dirs[arch]), student="bk-tiny" if arch == "sd15" else
+                           "vega", data=str(shapes), out=str(tmp_path / name), resolution=64, train_batch_size=4,
+                           max_train_steps=3, learning_rate=1e-3, report_to="none", seed=seed, progress=False)
+
+    shared = distill_in_parallel({"a": config("a", 0), "b": config("b", 0), "c": config("c", 1)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_job(3))  # as each of the 3 processes: the same kernels, the same bits
+    try:
+        alone = {seed: fingerprint(_unet(train(config(f"alone-{seed}", seed)).parent)) for seed in (0, 1)}
+    finally:
+        torch.set_num_threads(threads)
+    got = {name: fingerprint(_unet(final.parent)) for name, final in shared.items()}
+    assert got == {"a": alone[0], "b": alone[0], "c": alone[1]} and alone[0] != alone[1]

@@ -103,7 +103,6 @@ def distill_in_parallel(configs: dict[str, TrainConfig]) -> dict[str, Path]:
     """
     import contextlib
     import multiprocessing as mp
-    import os
     import queue as queue_lib
 
     from tqdm.auto import tqdm
@@ -111,7 +110,7 @@ def distill_in_parallel(configs: dict[str, TrainConfig]) -> dict[str, Path]:
     from distill_sd.shared_teacher import SharedTeacher
 
     ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
-    threads = max(1, (os.cpu_count() or 1) // len(configs))
+    threads = threads_per_job(len(configs))
     teacher = _shared_teacher(list(configs.values()))
     shared = SharedTeacher(teacher.teacher, len(configs), dtype=teacher.teacher_dtype, threads=threads,
                            context=ctx) if teacher else contextlib.nullcontext()
@@ -155,6 +154,13 @@ def distill_in_parallel(configs: dict[str, TrainConfig]) -> dict[str, Path]:
     if failed:
         raise next(iter(failed.values()))
     return finished
+
+
+def threads_per_job(jobs: int) -> int:
+    """Torch threads for each of `jobs` processes sharing this machine's cores."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def _shared_teacher(configs: list[TrainConfig]) -> TrainConfig | None:
