@@ -172,18 +172,31 @@ def _shared_teacher(configs: list[TrainConfig]) -> TrainConfig | None:
 
 
 def _train_worker(name: str, cfg: TrainConfig, threads: int, updates: Any, teacher: Any) -> None:
+    import multiprocessing as mp
     import pickle
+    import signal
+    import sys
 
     import torch
 
     from distill_sd.train import train
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops this process
+    # Stopped by the parent: exit through Python's shutdown, which releases this process's semaphores (tqdm's
+    # lock) instead of leaving them to be reported as leaked.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(threads)
+    parent = mp.parent_process()
+
+    def report(_step: int, terms: dict[str, float]) -> None:
+        if not parent.is_alive():  # the parent was killed: nobody waits for this run any more
+            sys.exit(143)
+        updates.put(("step", name, terms["loss"]))
+
     try:
-        final = train(replace(cfg, progress=False), shared_teacher=teacher,
-                      on_step=lambda _step, terms: updates.put(("step", name, terms["loss"])))
+        final = train(replace(cfg, progress=False), shared_teacher=teacher, on_step=report)
         updates.put(("done", name, final))
-    except BaseException as e:  # sent as is when it pickles (a UserError stays one line), else as its text
+    except Exception as e:  # sent as is when it pickles (a UserError stays one line), else as its text
         try:
             pickle.dumps(e)
         except Exception:

@@ -96,6 +96,9 @@ class SharedTeacher:
 def _serve(teacher: str, dtype: str | None, threads: int, clients: int, capacity: int, requests: Any,
            replies: list[Any]) -> None:
     """The teacher process: answer requests in arrival order, each input computed once."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it closes this process
     try:
         torch.set_num_threads(threads)
         from distill_sd.generate import DTYPES
@@ -107,7 +110,7 @@ def _serve(teacher: str, dtype: str | None, threads: int, clients: int, capacity
             unet.to(DTYPES[dtype])
         forward = TeacherForward(unet, [])
         done: OrderedDict[str, _Result] = OrderedDict()
-        while (request := requests.get()) is not None:
+        while (request := _next_request(requests)) is not None:
             client, key, names, inputs = request
             result = done.get(key)
             if result is None or not set(names) <= result.features.keys():
@@ -128,6 +131,20 @@ def _serve(teacher: str, dtype: str | None, threads: int, clients: int, capacity
         message = str(e) if isinstance(e, UserError) else f"the shared teacher failed: {type(e).__name__}: {e}"
         for q in replies:
             q.put(("error", message))
+
+
+def _next_request(requests: Any) -> Any:
+    """The next request; None when told to stop, or when the parent process is gone (killed: nobody will)."""
+    import multiprocessing as mp
+    import queue
+
+    while True:
+        try:
+            return requests.get(timeout=5)
+        except queue.Empty:
+            parent = mp.parent_process()
+            if parent is not None and not parent.is_alive():
+                return None
 
 
 @dataclass
