@@ -51,7 +51,7 @@ def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUD
 
     budget = QUICK if quick else FULL
     if steps is not None:
-        budget = Budget(budget.train_images, steps, budget.batch_size, budget.learning_rate, budget.eval_prompts)
+        budget = replace(budget, steps=steps)
     teacher_path = Path(teacher) if teacher else teacher_dir()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (out / MARKER).is_file():  # a file, or a folder that is not ours: never replaced
@@ -91,15 +91,16 @@ def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUD
     return rows
 
 
-def distill_in_parallel(configs: dict[str, TrainConfig]) -> dict[str, Path]:
+def distill_in_parallel(configs: dict[str, TrainConfig], share_teacher: bool = True) -> dict[str, Path]:
     """Run several training jobs at once, one process each, and show their progress in one bar.
 
     Small U-Nets do not scale across threads (two threads run a shapes-sized step no faster than one: the
     time goes to per-operator overhead), so the demo's students train side by side, one process per student
     with the machine's cores shared out, which gets close to cores-times the throughput of one after another.
-    Jobs distilling from one teacher share its forward (shared_teacher.py): a teacher process computes each
-    batch's teacher outputs once for all of them, which takes a third off every student's step on the CPU.
-    A job's error stops the others and is raised here; a process that dies is reported by name.
+    Jobs distilling from one teacher share its forward unless `share_teacher` is False (shared_teacher.py): a
+    teacher process computes each batch's teacher outputs once for all of them instead of once per job, with
+    bit-identical results (benchmarks/shared_teacher.py measures both ways side by side). A job's error stops
+    the others and is raised here; a process that dies is reported by name.
     """
     import contextlib
     import multiprocessing as mp
@@ -111,7 +112,7 @@ def distill_in_parallel(configs: dict[str, TrainConfig]) -> dict[str, Path]:
 
     ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
     threads = threads_per_job(len(configs))
-    teacher = _shared_teacher(list(configs.values()))
+    teacher = _shared_teacher(list(configs.values())) if share_teacher else None
     shared = SharedTeacher(teacher.teacher, len(configs), dtype=teacher.teacher_dtype, threads=threads,
                            context=ctx) if teacher else contextlib.nullcontext()
     updates = ctx.Queue()
