@@ -94,8 +94,8 @@ def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUD
 def distill_in_parallel(configs: dict[str, TrainConfig], share_teacher: bool = True) -> dict[str, Path]:
     """Run several training jobs at once, one process each, and show their progress in one bar.
 
-    Small U-Nets do not scale across threads (two threads run a shapes-sized step no faster than one: the
-    time goes to per-operator overhead), so the demo's students train side by side, one process per student
+    Small U-Nets scale poorly across threads (a shapes-sized step gains far less than 2x from a second thread: much
+    of the time goes to per-operator overhead), so the demo's students train side by side, one process per student
     with the machine's cores shared out, which gets close to cores-times the throughput of one after another.
     Jobs distilling from one teacher share its forward unless `share_teacher` is False (shared_teacher.py): a
     teacher process computes each batch's teacher outputs once for all of them instead of once per job, with
