@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=FULL.train_images, help="training images (demo: %(default)s)")
     p.add_argument("--student", default=STUDENT, help="catalogue student (default %(default)s)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where demo_seeds.md/.json go")
-    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "distill-sd-bench"))
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "distill-sd-bench"),
+                   help="scratch folder for data, cache and runs (removed at the end)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or any(m <= args.steps for m in args.more):
         p.error("--seeds and --steps must be >= 1, and every --more step count above --steps")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     finals: dict[tuple[int, int], Path] = {}
     train_s: dict[int, float] = {}
     previous = None
-    for steps in [args.steps, *sorted(args.more)]:
+    for steps in [args.steps, *sorted(set(args.more))]:
         configs = {}
         for seed in seeds:
             run = work / f"seed{seed}-{steps}"
@@ -95,13 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     for (seed, steps), final in sorted(finals.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         r = evaluate_model(f"seed{seed}-{steps}", final, scenes, reference=reference)
         runs.append({"seed": seed, "steps": steps, "accuracy": r.accuracy,
-                     "vs_teacher": r.accuracy / reference.accuracy, "agreement": r.agreement})
+                     "vs_teacher": r.accuracy / max(reference.accuracy, 1e-9), "agreement": r.agreement})
         print(f"  seed {seed}, {steps} steps: accuracy {100 * r.accuracy:.1f} % "
               f"({100 * runs[-1]['vs_teacher']:.1f} % of the teacher), agreement {100 * r.agreement:.1f} %", flush=True)
 
     report = {"benchmark": "demo_seeds", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": command, "machine": machine(), "student": args.student, "seeds": seeds,
-              "budget": budget.__dict__, "teacher_accuracy": reference.accuracy, "train_s": train_s,
+              "budget": asdict(budget), "teacher_accuracy": reference.accuracy, "train_s": train_s,
               "summary": summarise(runs), "runs": runs, "total_wall_s": time.perf_counter() - started}
     md = markdown(report)
     print("\n" + md)
