@@ -109,8 +109,11 @@ def test_evaluate_scores_pipelines_against_the_first(capsys, narrow_dirs, tmp_pa
     assert code == 0 and counts and all(f"| {n}-object |" in out.splitlines()[0] for n in counts)
     code, out, err = _cli(capsys, "evaluate", teacher, "--prompts", "2", "--split", "train")
     assert code == 0 and "2 training-split (new captions, seen compositions) captions" in err and "seed 1234" in err
-    code, out, err = _cli(capsys, "evaluate", teacher, "--prompts", "2", "--seed", "99")
+    code, out, err = _cli(capsys, "evaluate", teacher, "--prompts", "2", "--seed", "99", "--failures",
+                          str(tmp_path / "failures"))
     assert code == 0 and "seed 99 + index" in err  # another sample of captions and of noise
+    report = tmp_path / "failures" / f"0-{narrow_dirs['sd15'].name}" / "failures.md"
+    assert f"-> {report.parent}/failures.md" in err and "of 2 images fail" in report.read_text()
     code, _, err = _cli(capsys, "evaluate", str(tmp_path))
     assert code != 0 and "not a pipeline folder" in err and "Traceback" not in err
 

@@ -110,3 +110,36 @@ def test_paired_ratio_interval_is_paired_and_narrows_with_more_prompts():
     assert paired_ratio_interval(student, teacher) == (lo, hi)  # seeded
     with pytest.raises(ValueError):
         paired_ratio_interval(student[:-1], teacher)
+
+
+def test_failure_report_lists_failed_images_and_names_binding_failures(tmp_path):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from distill_sd.evaluate import EvalResult, binding_failure, write_failures
+    from distill_sd.shapes import detect_objects, heldout_prompts, render_scene
+
+    scene = next(s for s in heldout_prompts(40, seed=0) if len(s.objects) == 2 and
+                 s.objects[0].shape != s.objects[1].shape)
+    a, b = scene.objects
+    swapped = replace(scene, objects=(replace(a, shape=b.shape), replace(b, shape=a.shape)))
+    leaked = replace(scene, objects=(a, replace(b, colour=a.colour)))  # both objects in the first one's colour
+    wrong_shape = replace(scene, objects=(replace(a, shape=b.shape), b))  # a shape error, no binding failure
+
+    def kind(drawn):
+        return binding_failure(scene, detect_objects(render_scene(drawn)))
+
+    assert [kind(scene), kind(swapped), kind(leaked), kind(wrong_shape)] == [None, "swap", "leak", None]
+    blank = Image.new("RGB", (64, 64), "gray")
+    images = [render_scene(scene), render_scene(swapped), blank, render_scene(leaked)]
+    result = EvalResult("m", images=images, scores={"accuracy": 0.25})
+    counts = write_failures(result, [scene] * 4, tmp_path / "f", seed=7)
+    assert counts == {"images": 4, "failed": 3, "two_object_failed": 3, "swaps": 1, "leaks": 1}
+    text = (tmp_path / "f" / "failures.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and scene.caption in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "2", "3"]  # the failed images, not the correct one
+    assert "| 8 " in rows[0] and rows[0].rstrip(" |").endswith("swap")  # seed + index
+    assert "nothing" in rows[1] and rows[2].rstrip(" |").endswith("leak")
+    sheet = Image.open(tmp_path / "f" / "failures.png")
+    assert sheet.width == 3 * 112 and sheet.height > 112  # one image per failure, captions above

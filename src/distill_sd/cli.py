@@ -240,6 +240,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                           seed=args.seed))
     rows = [{"model": r.name, **r.scores, "agreement_with_first": r.agreement, "seconds_per_image": r.seconds_per_image}
             for r in results]
+    if args.failures:
+        from distill_sd.evaluate import write_failures
+
+        for i, r in enumerate(results):
+            folder = Path(args.failures) / f"{i}-{Path(r.name).resolve().name}"
+            counts = write_failures(r, scenes, folder, seed=args.seed)
+            print(f"{r.name}: {counts['failed']} of {counts['images']} images fail ({counts['swaps']} binding swaps, "
+                  f"{counts['leaks']} leaks) -> {folder}/failures.md, failures.png", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -473,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "training split's compositions, to measure the generalisation gap")
     s.add_argument("--seed", type=int, default=EVAL_SEED, help="draws the captions and each image's noise "
                    "(image i: seed + i; default: %(default)s, the demo's and the teacher card's)")
+    s.add_argument("--failures", metavar="DIR", help="also write each model's failed images with their captions, "
+                   "failed checks and what was drawn (DIR/<n>-<model>/failures.md, failures.png)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_evaluate)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,3 +88,75 @@ def paired_ratio_interval(correct: list[bool], reference: list[bool], *, level: 
     ratios = a[picks].sum(1) / np.maximum(b[picks].sum(1), 1)
     lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def _describe_drawn(o: Any) -> str:
+    from distill_sd.shapes.world import SIZE_THRESHOLD, nearest_position
+
+    size = "large" if o.extent >= SIZE_THRESHOLD else "small"
+    return f"{size} {o.colour} {o.shape} ({nearest_position(o.centre)})"
+
+
+def binding_failure(scene: Any, detected: Sequence[Any]) -> str | None:
+    """How a two-object scene lost its colour-shape binding, if it did: "swap" when both colours are drawn, each
+    with the other object's shape ("a red circle and a blue square" drawn as a red square and a blue circle);
+    "leak" when one colour is missing and the other is drawn twice (both objects took one colour)."""
+    if len(scene.objects) != 2:
+        return None
+    a, b = scene.objects
+    largest, drawn = {}, [o.colour for o in detected]
+    for o in sorted(detected, key=lambda o: o.area):
+        largest[o.colour] = o.shape
+    if a.shape != b.shape and largest.get(a.colour) == b.shape and largest.get(b.colour) == a.shape:
+        return "swap"
+    for kept, lost in ((a, b), (b, a)):
+        if lost.colour not in drawn and drawn.count(kept.colour) >= 2:
+            return "leak"
+    return None
+
+
+def write_failures(result: EvalResult, scenes: list[Any], folder: Path, *, seed: int, columns: int = 8) -> dict:
+    """The images the scorer failed, for a person to look at: `folder`/failures.md (caption, failed checks, what
+    was drawn) and failures.png (the images with their captions). Returns the counts it reports."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    from distill_sd.report import markdown_table
+    from distill_sd.shapes.scorer import CHECKS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], []
+    binding = {"swap": 0, "leak": 0}
+    for i, (image, scene) in enumerate(zip(result.images, scenes, strict=True)):
+        score = score_image(image, scene)
+        if score.correct:
+            continue
+        kind = binding_failure(scene, score.detected)
+        if kind:
+            binding[kind] += 1
+        failed.append((image, scene))
+        rows.append([i, seed + i, scene.caption, ", ".join(c for c in CHECKS if not getattr(score, c)),
+                     "; ".join(_describe_drawn(o) for o in score.detected) or "nothing", kind or ""])
+    two = sum(len(s.objects) == 2 for _, s in failed)
+    counts = {"images": len(scenes), "failed": len(failed), "two_object_failed": two, "swaps": binding["swap"],
+              "leaks": binding["leak"]}
+    text = (f"# Failures of {result.name}\n\n{len(failed)} of {len(scenes)} images fail ({two} of them two-object "
+            f"captions). Binding failures: {binding['swap']} swaps (both colours drawn, each with the other object's "
+            f"shape), {binding['leak']} leaks (one colour missing, the other drawn twice).\n\n"
+            + markdown_table(["#", "seed", "caption", "failed checks", "drawn", "binding"], rows) + "\n")
+    (folder / "failures.md").write_text(text)
+    if failed:
+        cell, line_h = 112, 11
+        wrapped = [textwrap.wrap(s.caption, width=18) for _, s in failed]
+        cap_h = 4 + line_h * max(len(w) for w in wrapped)
+        n_cols = min(columns, len(failed))
+        n_rows = -(-len(failed) // n_cols)
+        sheet = Image.new("RGB", (n_cols * cell, n_rows * (cell + cap_h)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for k, ((image, _), lines) in enumerate(zip(failed, wrapped)):
+            x, y = (k % n_cols) * cell, (k // n_cols) * (cell + cap_h)
+            draw.multiline_text((x + 2, y + 1), "\n".join(lines), fill="black", spacing=1)
+            sheet.paste(image.resize((cell - 8, cell - 8), Image.Resampling.NEAREST), (x + 4, y + cap_h + 4))
+        sheet.save(folder / "failures.png")
+    return counts
