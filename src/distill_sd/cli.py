@@ -247,7 +247,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             folder = Path(args.failures) / f"{i}-{Path(r.name).resolve().name}"
             counts = write_failures(r, scenes, folder, seed=args.seed)
             print(f"{r.name}: {counts['failed']} of {counts['images']} images fail ({counts['swaps']} binding swaps, "
-                  f"{counts['leaks']} leaks) -> {folder}/failures.md, failures.png", file=sys.stderr)
+                  f"{counts['leaks']} leaks) -> {folder}/failures.md" + (", failures.png" if counts["failed"] else ""),
+                  file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

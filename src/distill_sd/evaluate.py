@@ -117,7 +117,7 @@ def binding_failure(scene: Any, detected: Sequence[Any]) -> str | None:
 
 def write_failures(result: EvalResult, scenes: list[Any], folder: Path, *, seed: int, columns: int = 8) -> dict:
     """The images the scorer failed, for a person to look at: `folder`/failures.md (caption, failed checks, what
-    was drawn) and failures.png (the images with their captions). Returns the counts it reports."""
+    was drawn) and, if any image failed, failures.png (the images with their captions). Returns the counts."""
     import textwrap
 
     from PIL import Image, ImageDraw
@@ -146,6 +146,7 @@ def write_failures(result: EvalResult, scenes: list[Any], folder: Path, *, seed:
             f"shape), {binding['leak']} leaks (one colour missing, the other drawn twice).\n\n"
             + markdown_table(["#", "seed", "caption", "failed checks", "drawn", "binding"], rows) + "\n")
     (folder / "failures.md").write_text(text)
+    (folder / "failures.png").unlink(missing_ok=True)  # none of an earlier run's images stays behind
     if failed:
         cell, line_h = 112, 11
         wrapped = [textwrap.wrap(s.caption, width=18) for _, s in failed]
