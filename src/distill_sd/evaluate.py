@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from distill_sd.shapes.scorer import aggregate_scores, detect_objects, score_image
+from distill_sd.shapes.scorer import aggregate_scores, detect_objects, largest_by_colour, score_image
 
 
 @dataclass
@@ -104,9 +104,8 @@ def binding_failure(scene: Any, detected: Sequence[Any]) -> str | None:
     if len(scene.objects) != 2:
         return None
     a, b = scene.objects
-    largest, drawn = {}, [o.colour for o in detected]
-    for o in sorted(detected, key=lambda o: o.area):
-        largest[o.colour] = o.shape
+    largest = {colour: o.shape for colour, o in largest_by_colour(detected).items()}  # as the scorer matches
+    drawn = [o.colour for o in detected]
     if a.shape != b.shape and largest.get(a.colour) == b.shape and largest.get(b.colour) == a.shape:
         return "swap"
     for kept, lost in ((a, b), (b, a)):

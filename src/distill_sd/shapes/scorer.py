@@ -114,13 +114,20 @@ def detect_objects(image: Image.Image | np.ndarray) -> list[DetectedObject]:
     return objects
 
 
+def largest_by_colour(detected: Sequence[DetectedObject]) -> dict[str, DetectedObject]:
+    """The object each colour names: the largest detected object of that colour (a stray fleck of a colour
+    never outvotes the object drawn in it)."""
+    by_colour: dict[str, DetectedObject] = {}
+    for obj in sorted(detected, key=lambda o: o.area):
+        by_colour[obj.colour] = obj
+    return by_colour
+
+
 def score_image(image: Image.Image | np.ndarray, record: Scene | dict[str, Any]) -> ImageScore:
     """Score one image against the attribute record of the caption it was generated from."""
     scene = record if isinstance(record, Scene) else Scene.from_dict(record)
     detected = detect_objects(image)
-    by_colour: dict[str, DetectedObject] = {}
-    for obj in sorted(detected, key=lambda o: o.area):
-        by_colour[obj.colour] = obj  # largest of each colour wins
+    by_colour = largest_by_colour(detected)
     matches = [by_colour.get(o.colour) for o in scene.objects]
     found = [m for m in matches if m is not None]
     all_found = len(found) == len(matches)
