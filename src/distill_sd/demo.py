@@ -37,8 +37,7 @@ class Budget:
 
 
 # 600 steps at lr 1e-3, as many as fit the demo's 10 minutes on 2 cores: with the EMA, bk-tiny kept more of the
-# teacher's accuracy at each step count tried (400, 600, 800); lr 5e-4 was no better and 2e-3 worse, and a cosine
-# decay to 0 over the 600 steps kept less of the teacher than the constant lr at every training seed 0-3.
+# teacher's accuracy at each step count tried (400, 600, 800); lr 5e-4 was no better and 2e-3 worse.
 FULL = Budget(train_images=4096, steps=600, batch_size=16, learning_rate=1e-3, eval_prompts=96)
 QUICK = Budget(train_images=256, steps=20, batch_size=16, learning_rate=1e-3, eval_prompts=16)
 
