@@ -114,8 +114,22 @@ def test_evaluate_scores_pipelines_against_the_first(capsys, narrow_dirs, tmp_pa
     assert code == 0 and "seed 99 + index" in err  # another sample of captions and of noise
     report = tmp_path / "failures" / f"0-{narrow_dirs['sd15'].name}" / "failures.md"
     assert f"-> {report.parent}/failures.md" in err and "of 2 images fail" in report.read_text()
+    # the sampler settings are options, reported with the result
+    code, out, err = _cli(capsys, "evaluate", teacher, "--prompts", "2", "--steps", "3", "--guidance", "1",
+                          "--scheduler", "euler")
+    assert code == 0 and "2 held-out captions, euler 3 steps, guidance 1.0, seed 1234" in err and "| accuracy" in out
+    for flags, fragment in ((["--steps", "0"], "--steps must be >= 1"), (["--guidance", "0.5"], "--guidance must be")):
+        code, _, err = _cli(capsys, "evaluate", teacher, "--prompts", "2", *flags)
+        assert code != 0 and fragment in err and "Traceback" not in err
     code, _, err = _cli(capsys, "evaluate", str(tmp_path))
     assert code != 0 and "not a pipeline folder" in err and "Traceback" not in err
+
+
+def test_cli_scheduler_names_are_the_samplers_generate_knows():
+    from distill_sd.cli import SCHEDULER_NAMES
+    from distill_sd.generate import SCHEDULERS
+
+    assert SCHEDULER_NAMES == tuple(SCHEDULERS)
 
 
 def test_evaluation_splits_hold_and_exclude_the_held_out_compositions():

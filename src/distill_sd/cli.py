@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from distill_sd.errors import UserError  # noqa: E402
 
+# generate.SCHEDULERS' names, spelled out so that building the parser does not import torch (a test keeps them equal)
+SCHEDULER_NAMES = ("dpm++", "ddim", "pndm", "euler", "euler-a", "unipc")
+
 
 def _quiet_libraries() -> None:
     """Our own progress bars stay; the libraries' per-file loading/saving bars and notices go."""
@@ -224,11 +227,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from distill_sd.report import markdown_table
     from distill_sd.shapes import CHECKS
     from distill_sd.shapes.scorer import count_key
-    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_STEPS
     from distill_sd.shapes.world import OBJECT_COUNTS
 
     if args.prompts < 1:
         raise UserError("--prompts must be >= 1")
+    if args.steps < 1:
+        raise UserError("--steps must be >= 1")
+    if args.guidance < 1:
+        raise UserError("--guidance must be >= 1 (1 turns classifier-free guidance off)")
     for m in args.model:
         if not (Path(m) / "model_index.json").is_file():
             raise UserError(f"'{m}' is not a pipeline folder (no model_index.json)")
@@ -237,7 +243,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     with tqdm(total=len(scenes) * len(args.model), desc="evaluating on held-out compositions", unit="image") as bar:
         for m in args.model:
             results.append(evaluate_model(m, Path(m), scenes, reference=results[0] if results else None, progress=bar,
-                                          seed=args.seed))
+                                          seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                          scheduler=args.scheduler))
     rows = [{"model": r.name, **r.scores, "agreement_with_first": r.agreement, "seconds_per_image": r.seconds_per_image}
             for r in results]
     if args.failures:
@@ -260,8 +267,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                            "-" if r["agreement_with_first"] is None else f"{100 * r['agreement_with_first']:.0f} %",
                            f"{r['seconds_per_image']:.3f}"] for r in rows]))
     what = "held-out" if args.split == "heldout" else "training-split (new captions, seen compositions)"
-    print(f"{len(scenes)} {what} captions, DPM++ {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}, seed {args.seed} + index",
-          file=sys.stderr)
+    print(f"{len(scenes)} {what} captions, {args.scheduler} {args.steps} steps, guidance {args.guidance}, "
+          f"seed {args.seed} + index", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -365,6 +372,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
 def build_parser() -> argparse.ArgumentParser:
     from distill_sd import __version__
     from distill_sd.demo import EVAL_SEED, FULL, QUICK
+    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_STEPS
 
     p = _Parser(prog="distill-sd", description="Smaller, faster Stable Diffusion: block removal + distillation.")
     p.add_argument("--version", action="version", version=f"distill-sd {__version__}")
@@ -419,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative-prompt")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=7.5)
-    s.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "pndm", "euler", "euler-a", "unipc"])
+    s.add_argument("--scheduler", default="dpm++", choices=SCHEDULER_NAMES)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--height", type=_positive_multiple_of_8)
     s.add_argument("--width", type=_positive_multiple_of_8)
@@ -484,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(image i: seed + i; default: %(default)s, the demo's and the teacher card's)")
     s.add_argument("--failures", metavar="DIR", help="also write each model's failed images with their captions, "
                    "failed checks and what was drawn (DIR/<n>-<model>/failures.md, failures.png)")
+    s.add_argument("--steps", type=int, default=EVAL_STEPS, help="denoising steps (default: %(default)s, the demo's)")
+    s.add_argument("--guidance", type=float, default=EVAL_GUIDANCE,
+                   help="classifier-free guidance scale (default: %(default)s, the demo's)")
+    s.add_argument("--scheduler", default="dpm++", choices=SCHEDULER_NAMES, help="sampler (default: %(default)s)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_evaluate)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill_sd.errors import UserError
-from distill_sd.shapes.teacher import EVAL_SEED  # light: the teacher script's constants, no torch
+from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS  # light: the script's constants, no torch
 
 if TYPE_CHECKING:
     from distill_sd.evaluate import EvalResult
@@ -247,20 +247,20 @@ def eval_scenes(n: int, split: str = "heldout", seed: int = EVAL_SEED) -> list[A
 
 
 def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalResult | None = None,
-                   progress: Any = None, seed: int = EVAL_SEED) -> EvalResult:
-    """One pipeline's images of `scenes` (DPM++, the teacher's eval steps and guidance; image i from seed + i),
-    scored exactly; agreement is measured against `reference` (the teacher's result) when given."""
+                   progress: Any = None, seed: int = EVAL_SEED, steps: int = EVAL_STEPS,
+                   guidance: float = EVAL_GUIDANCE, scheduler: str = "dpm++") -> EvalResult:
+    """One pipeline's images of `scenes` (by default DPM++ with the teacher's eval steps and guidance; image i
+    from seed + i), scored exactly; agreement is measured against `reference` (the teacher's result) when given."""
     from distill_sd.evaluate import evaluate
     from distill_sd.generate import set_scheduler
     from distill_sd.measure import count_macs, count_params, meta_unet
     from distill_sd.models import load_teacher
-    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_STEPS
 
     pipe = load_teacher(path).pipeline
-    set_scheduler(pipe, "dpm++")
+    set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
-    r = evaluate(name, pipe, scenes, seed=seed, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
-                 reference=reference, progress=progress)
+    r = evaluate(name, pipe, scenes, seed=seed, steps=steps, guidance=guidance, reference=reference,
+                 progress=progress)
     r.unet_params = count_params(pipe.unet)
     r.unet_macs = count_macs(meta_unet(pipe.unet.config), RESOLUTION, pipe.vae_scale_factor)
     return r
@@ -304,7 +304,7 @@ def _vs_teacher(row: dict[str, Any]) -> str:
 
 
 def _report(table: str, budget: Budget, n_prompts: int, minutes: float, quick: bool) -> str:
-    from distill_sd.shapes.teacher import EMPTY_PROMPTS, EVAL_GUIDANCE, EVAL_STEPS
+    from distill_sd.shapes.teacher import EMPTY_PROMPTS
 
     return f"""# distill-sd demo{' (quick)' if quick else ''}
 
