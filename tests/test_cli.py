@@ -125,6 +125,23 @@ def test_evaluate_scores_pipelines_against_the_first(capsys, narrow_dirs, tmp_pa
     assert code != 0 and "not a pipeline folder" in err and "Traceback" not in err
 
 
+def test_evaluate_model_draws_with_the_sampler_settings_it_is_given(narrow_dirs):
+    import numpy as np
+
+    from distill_sd.demo import eval_scenes, evaluate_model
+
+    scenes = eval_scenes(2)
+
+    def pixels(**settings):
+        result = evaluate_model("m", narrow_dirs["sd15"], scenes, **settings)
+        return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
+
+    default = pixels(steps=2)
+    assert np.array_equal(default, pixels(steps=2))  # same settings, same noise: the same images
+    for other in ({"steps": 3}, {"steps": 2, "guidance": 1.0}, {"steps": 2, "scheduler": "euler"}):
+        assert not np.array_equal(default, pixels(**other)), other
+
+
 def test_cli_scheduler_names_are_the_samplers_generate_knows():
     from distill_sd.cli import SCHEDULER_NAMES
     from distill_sd.generate import SCHEDULERS
