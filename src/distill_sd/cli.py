@@ -372,7 +372,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
 def build_parser() -> argparse.ArgumentParser:
     from distill_sd import __version__
     from distill_sd.demo import EVAL_SEED, FULL, QUICK
-    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_STEPS
+    from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SCHEDULER, EVAL_STEPS
 
     p = _Parser(prog="distill-sd", description="Smaller, faster Stable Diffusion: block removal + distillation.")
     p.add_argument("--version", action="version", version=f"distill-sd {__version__}")
@@ -495,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=EVAL_STEPS, help="denoising steps (default: %(default)s, the demo's)")
     s.add_argument("--guidance", type=float, default=EVAL_GUIDANCE,
                    help="classifier-free guidance scale (default: %(default)s, the demo's)")
-    s.add_argument("--scheduler", default="dpm++", choices=SCHEDULER_NAMES, help="sampler (default: %(default)s)")
+    s.add_argument("--scheduler", default=EVAL_SCHEDULER, choices=SCHEDULER_NAMES,
+                   help="sampler (default: %(default)s, the demo's)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_evaluate)
 

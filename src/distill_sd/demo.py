@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill_sd.errors import UserError
-from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS  # light: the script's constants, no torch
+from distill_sd.shapes.teacher import (  # light: the teacher script's constants, no torch
+    EVAL_GUIDANCE,
+    EVAL_SCHEDULER,
+    EVAL_SEED,
+    EVAL_STEPS,
+)
 
 if TYPE_CHECKING:
     from distill_sd.evaluate import EvalResult
@@ -248,7 +253,7 @@ def eval_scenes(n: int, split: str = "heldout", seed: int = EVAL_SEED) -> list[A
 
 def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalResult | None = None,
                    progress: Any = None, seed: int = EVAL_SEED, steps: int = EVAL_STEPS,
-                   guidance: float = EVAL_GUIDANCE, scheduler: str = "dpm++") -> EvalResult:
+                   guidance: float = EVAL_GUIDANCE, scheduler: str = EVAL_SCHEDULER) -> EvalResult:
     """One pipeline's images of `scenes` (by default DPM++ with the teacher's eval steps and guidance; image i
     from seed + i), scored exactly; agreement is measured against `reference` (the teacher's result) when given."""
     from distill_sd.evaluate import evaluate

@@ -26,6 +26,7 @@ from distill_sd.errors import UserError
 EVAL_SEED = 1234  # BK-SDM's evaluation seed
 EVAL_STEPS = 20
 EVAL_GUIDANCE = 4.0
+EVAL_SCHEDULER = "dpm++"
 # Captions replaced by "" in training, so the U-Net learns the unconditional branch classifier-free guidance uses.
 EMPTY_PROMPTS = 0.1
 # Warm restarts after the first cycle, (steps, peak learning rate): each cycle ended still improving.
@@ -83,7 +84,6 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
                  snr_gamma: float | None = 5.0, vae_dir: Path | None = None, eval_prompts: int = 300,
                  reader_steps: int | None = None, reader_nouns: bool = False) -> dict:
     from distill_sd.cache import build_cache
-    from distill_sd.evaluate import evaluate
     from distill_sd.models import check_new_output_dir, load_teacher
     from distill_sd.shapes import export_image_folder, heldout_prompts
     from distill_sd.shapes.kit import READER_STEPS, build_kit
@@ -118,13 +118,9 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
         final = cycle(f"run{i}", restart_steps, restart_lr, min(200, restart_steps // 10), seed + i - 1,
                       mode="finetune", student=str(final))
     save_shipped(final, out)
-    pipe = load_teacher(out).pipeline
-    from distill_sd.generate import set_scheduler
+    from distill_sd.demo import evaluate_model
 
-    set_scheduler(pipe, "dpm++")
-    pipe.set_progress_bar_config(disable=True)
-    result = evaluate("teacher", pipe, heldout_prompts(eval_prompts, seed=EVAL_SEED), seed=EVAL_SEED,
-                      steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
+    result = evaluate_model("teacher", out, heldout_prompts(eval_prompts, seed=EVAL_SEED))
     summary = {"heldout_accuracy": result.accuracy, "scores": result.scores, "steps": steps, "images": images,
                "batch_size": batch_size, "learning_rate": learning_rate, "restarts": [list(r) for r in restarts],
                "snr_gamma": snr_gamma, "seed": seed, "reader_nouns": reader_nouns}
