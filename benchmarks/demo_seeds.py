@@ -32,9 +32,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from kd_step import machine  # this folder's: CPU model, cores, versions
-
 from distill_sd.demo import FULL, cache_data, distill_config, distill_in_parallel, eval_scenes, evaluate_model
+from distill_sd.report import machine  # CPU model, ISA, cores, versions
 from distill_sd.shapes import export_image_folder
 from distill_sd.shapes.teacher import teacher_dir
 

@@ -49,6 +49,7 @@ from distill_sd.demo import (
     eval_scenes,
     evaluate_model,
 )
+from distill_sd.report import machine
 
 REPO = Path(__file__).resolve().parent.parent
 STUDENT = "bk-tiny"
@@ -88,13 +89,6 @@ def last_history(run: Path) -> tuple[dict[str, float], list[float]]:
     """The final step's loss terms and every step's wall time, from train.py's history.jsonl."""
     lines = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
     return {k: v for k, v in lines[-1].items() if k in ("task", "out", "feat", "loss")}, [h["sec"] for h in lines]
-
-
-def machine() -> dict[str, Any]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from kd_step import machine as kd_step_machine
-
-    return kd_step_machine()
 
 
 def main(argv: list[str] | None = None) -> None:

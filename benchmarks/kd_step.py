@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -48,6 +47,7 @@ import time
 from pathlib import Path
 
 import distill_sd  # noqa: F401  (sets torch's OpenMP wait policy before torch loads; see its __init__)
+from distill_sd.report import machine  # noqa: E402  (CPU model, ISA, cores, versions)
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("ours", "ref")  # always measured; --extra adds EXTRA (the same command with other precision flags)
@@ -308,25 +308,6 @@ def prepare(args: argparse.Namespace, wd: Path) -> tuple[Path, Path]:
         subprocess.run([sys.executable, "-c", code, str(data), str(args.images), str(args.seed)], check=True,
                        env=child_env(), cwd=REPO)
     return teacher, data
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
-    import accelerate
-    import diffusers
-    import transformers
-
-    return {"cpu": cpu, "isa": [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags],
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_mb": mem,
-            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
 
 # ============================================================================ the benchmark

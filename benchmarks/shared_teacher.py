@@ -27,9 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from kd_step import machine  # this folder's: CPU model, cores, versions
 
 from distill_sd.demo import FULL, STUDENTS, cache_data, distill_config, distill_in_parallel
+from distill_sd.report import machine  # CPU model, ISA, cores, versions
 from distill_sd.shapes import export_image_folder
 from distill_sd.shapes.teacher import teacher_dir
 from distill_sd.train import fingerprint

@@ -4,6 +4,9 @@ Layout of a cache directory (all tensors float32 safetensors, readable with memo
     cache.json                  base pipeline, resolution, crop, keys, caption index per example
     latents-00000.safetensors   "mean", "std": the VAE posterior per example (unscaled), 1024 per shard
     text.safetensors            "embeds" (and SDXL "pooled") per *unique* caption; row 0 is the empty prompt
+    grounding.safetensors       optional: "masks" [N, objects, h, w] and "tokens" [N, objects, words] per example,
+                                where each object is and which prompt tokens name it (shapes.grounding writes
+                                it), read by training's grounding loss (--loss_ground)
 Storing the posterior rather than one sample keeps the VAE's sampling noise a per-step random draw.
 """
 
@@ -25,6 +28,7 @@ from distill_sd.errors import UserError
 from distill_sd.models import new_output_dir
 
 SHARD_SIZE = 1024
+GROUNDING_FILE = "grounding.safetensors"
 CACHE_VERSION = 1
 
 
@@ -101,6 +105,14 @@ class CachedExamples(Dataset):
                             "version of distill-sd")
         with safe_open(str(self.folder / "text.safetensors"), framework="pt") as f:
             self.text = {k: f.get_tensor(k) for k in f.keys()}  # one row per unique caption: small
+        self.grounding: dict[str, torch.Tensor] | None = None  # object masks and word positions, when present
+        grounding = self.folder / GROUNDING_FILE
+        if grounding.is_file():
+            with safe_open(str(grounding), framework="pt") as f:
+                self.grounding = {k: f.get_tensor(k) for k in ("masks", "tokens")}
+            if len(self.grounding["masks"]) != self.index["count"]:
+                raise UserError(f"{grounding} has {len(self.grounding['masks'])} rows for {self.index['count']} "
+                                "cached examples; re-create it for this cache")
         self._handles: dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -112,8 +124,11 @@ class CachedExamples(Dataset):
         if name not in self._handles:  # opened lazily per process: handles do not survive pickling
             self._handles[name] = safe_open(str(self.folder / name), framework="pt")
         f = self._handles[name]
-        return {"index": i, "latent_mean": f.get_slice("mean")[row], "latent_std": f.get_slice("std")[row],
+        item = {"index": i, "latent_mean": f.get_slice("mean")[row], "latent_std": f.get_slice("std")[row],
                 "caption_id": self.index["caption_ids"][i]}
+        if self.grounding is not None:
+            item["ground_masks"], item["ground_tokens"] = self.grounding["masks"][i], self.grounding["tokens"][i]
+        return item
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": {}}

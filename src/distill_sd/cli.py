@@ -309,6 +309,8 @@ _TRAIN_HELP = {
     "recipe": "loss/lr preset: bk-sdm (1/1/1, lr 5e-5), segmind (1/0.5/0.5, lr 1e-5), balanced "
               "(bk-sdm weights, variance-normalised feature loss)",
     "feature_norm": "none (plain sum, BK-SDM) | mean | teacher_var (MSE / teacher feature variance, averaged)",
+    "loss_ground": "weight of the grounding loss (TokenCompose): each object's words attend inside its mask; "
+                   "needs a --cache with grounding.safetensors (shapes: python -m distill_sd.shapes.grounding)",
     "resume_from_checkpoint": "latest, or a checkpoint folder",
     "report_to": "tensorboard (default), wandb, all, or none",
     "mixed_precision": "no | fp16 | bf16 (default: accelerate's config)",

@@ -149,3 +149,96 @@ def distillation_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWei
         total = total + weights.feat * terms["feat"]
     terms["loss"] = total
     return terms
+
+
+class CrossAttentionMaps:
+    """Records the cross-attention probabilities (averaged over heads) of a U-Net's text cross-attention layers
+    (`attn2`) during each forward, for the grounding loss; `take()` returns and clears them.
+
+    Fused attention kernels never form the probabilities, so the tapped layers run diffusers' plain
+    `AttnProcessor` (same maths), wrapped to catch what its `get_attention_scores` returns. Only layers whose
+    query grid is at most `max_downsample` times coarser than the latent are tapped: a 2x2 map cannot say
+    where a small object is. `remove()` restores the original processors.
+    """
+
+    def __init__(self, unet: torch.nn.Module, max_downsample: int = 2) -> None:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self._original = dict(unet.attn_processors)
+        self._maps: list[torch.Tensor] = []
+        self._unet = unet
+        sink = self._maps
+
+        class _Tap(AttnProcessor):
+            def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                scores = attn.get_attention_scores
+
+                def record(*a: Any, **k: Any) -> torch.Tensor:
+                    probs = scores(*a, **k)  # [batch * heads, queries, tokens]
+                    sink.append(probs.unflatten(0, (hidden_states.shape[0], attn.heads)).mean(1))
+                    return probs
+                attn.get_attention_scores = record
+                try:
+                    return super().__call__(attn, hidden_states, *args, **kwargs)
+                finally:
+                    del attn.get_attention_scores
+
+        # Down-sampling levels of the U-Net: block i of the down path (and the mirrored up block) runs at
+        # latent / 2**i; the mid block at the coarsest.
+        levels = len(unet.config.block_out_channels)
+        tapped = {}
+        for name in self._original:
+            if ".attn2." not in name:
+                continue
+            block, _, rest = name.partition(".")
+            if block == "mid_block":
+                level = levels - 1
+            else:
+                index = int(rest.split(".", 1)[0])
+                level = index if block == "down_blocks" else levels - 1 - index
+            if 2 ** level <= max_downsample:
+                tapped[name] = _Tap()
+        if not tapped:
+            raise UserError(f"no text cross-attention layer runs at most {max_downsample}x below the latent")
+        self.layers = sorted(tapped)
+        unet.set_attn_processor({**self._original, **tapped})
+
+    def take(self) -> list[torch.Tensor]:
+        out = list(self._maps)
+        self._maps.clear()
+        return out
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+    def remove(self) -> None:
+        self._unet.set_attn_processor(self._original)
+        self._maps.clear()
+
+
+def grounding_loss(maps: Sequence[torch.Tensor], masks: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al., CVPR 2024): every word naming an object should spend its
+    cross-attention inside that object: (1 - share of the word's attention map inside the object's mask)^2,
+    averaged over words and tapped layers.
+
+    maps: per layer [B, queries, tokens] (CrossAttentionMaps); masks: [B, K, h, w] object masks in [0, 1] at
+    latent resolution; tokens: [B, K, T] token positions of each object's words, -1 where there are none (a
+    caption naming fewer objects, an empty caption). Returns 0 (with a graph) when no word is grounded.
+    """
+    b, k, t = tokens.shape
+    valid = tokens >= 0
+    index = tokens.clamp_min(0).reshape(b, 1, k * t)
+    terms = []
+    for probs in maps:
+        queries = probs.shape[1]
+        factor = round((masks.shape[-2] * masks.shape[-1] / queries) ** 0.5)
+        grid = (masks.shape[-2] // factor, masks.shape[-1] // factor)
+        region = F.adaptive_avg_pool2d(masks.float(), grid).flatten(2)  # [B, K, queries]
+        words = torch.gather(probs.float(), 2, index.expand(b, queries, k * t))  # [B, queries, K*T]
+        words = words.transpose(1, 2).reshape(b, k, t, queries)
+        inside = (words * region[:, :, None, :]).sum(-1) / words.sum(-1).clamp_min(1e-8)
+        terms.append(((1 - inside) ** 2)[valid])
+    share = torch.cat(terms)
+    if share.numel() == 0:
+        return sum(p.sum() for p in maps) * 0.0
+    return share.mean()

@@ -1,8 +1,12 @@
-"""Plain-text and markdown tables, and human-readable numbers, shared by every command that prints results."""
+"""Plain-text and markdown tables, human-readable numbers and the machine a result was measured on, shared by
+every command that prints results."""
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -21,3 +25,24 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep, *map(line, cells[1:])])
+
+
+def machine() -> dict[str, Any]:
+    """What a timing depends on: CPU model and its fast paths for torch (AVX-512, bf16, AMX), cores, RAM and the
+    library versions."""
+    import accelerate
+    import diffusers
+    import torch
+    import transformers
+
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    meminfo = Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").is_file() else []
+    mem = next((int(line.split()[1]) // 1024 for line in meminfo if line.startswith("MemTotal")), 0)
+    return {"cpu": cpu, "isa": [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_mb": mem,
+            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill_sd.errors import UserError
 from distill_sd.generate import DTYPES
-from distill_sd.kd import FeatureTaps, LossWeights, TeacherForward, distillation_loss
+from distill_sd.kd import CrossAttentionMaps, FeatureTaps, LossWeights, TeacherForward, distillation_loss, grounding_loss
 
 if TYPE_CHECKING:
     from distill_sd.shared_teacher import TeacherClient
@@ -103,6 +103,7 @@ class TrainConfig:
     loss_out: float | None = None
     loss_feat: float | None = None
     feature_norm: str | None = None
+    loss_ground: float = 0.0  # grounding (TokenCompose's token loss): needs a cache with grounding.safetensors
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     proportion_empty_prompts: float = 0.0
@@ -154,6 +155,10 @@ class TrainConfig:
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision}")
         if (self.data is None) == (self.cache is None):
             raise UserError("give exactly one of --data (images) or --cache (a `distill-sd cache` folder)")
+        if self.loss_ground < 0:
+            raise UserError("--loss_ground must be >= 0")
+        if self.loss_ground and self.cache is None:
+            raise UserError("--loss_ground needs --cache: a cache with object masks (grounding.safetensors)")
         if self.cache and self.random_flip:
             raise UserError("--random_flip needs images, not a cache: cached latents are fixed; drop one of them")
         needs = {"distill": ("teacher", "student"), "finetune": ("student",), "pretrain": ("base",)}[self.mode]
@@ -227,9 +232,13 @@ def _mix(*values: int) -> int:
 
 
 def _collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"latent_mean": torch.stack([i["latent_mean"] for i in items]),
-            "latent_std": torch.stack([i["latent_std"] for i in items]),
-            "caption_id": torch.tensor([i["caption_id"] for i in items])}
+    batch = {"latent_mean": torch.stack([i["latent_mean"] for i in items]),
+             "latent_std": torch.stack([i["latent_std"] for i in items]),
+             "caption_id": torch.tensor([i["caption_id"] for i in items])}
+    for key in ("ground_masks", "ground_tokens"):
+        if key in items[0]:
+            batch[key] = torch.stack([i[key] for i in items])
+    return batch
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -433,6 +442,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         from distill_sd.cache import CachedExamples
 
         dataset = CachedExamples(cfg.cache)
+        if cfg.loss_ground and dataset.grounding is None:
+            raise UserError(f"--loss_ground needs object masks in the cache: '{cfg.cache}' has no grounding."
+                            "safetensors (shapes: `python -m distill_sd.shapes.grounding CACHE DATA`)")
         if dataset.index["resolution"] != resolution:
             raise UserError(f"cache '{cfg.cache}' was made at {dataset.index['resolution']} px but training "
                             f"runs at {resolution} px; pass --resolution {dataset.index['resolution']} or re-cache")
@@ -479,6 +491,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         teacher_forward = shared_teacher.tap(t_names)
     else:
         teacher_forward = TeacherForward(teacher, t_names, teacher_dtype)
+    # Grounding: the student's text cross-attention maps, read after its forward.
+    attention_maps = CrossAttentionMaps(raw_student) if cfg.loss_ground else None
 
     # -- resume ------------------------------------------------------------------------------------------------
     global_step = 0
@@ -494,9 +508,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
 
 
     def conditioning(batch: dict[str, Any], g: torch.Generator):
-        """(latents, text conditioning) for a batch, from the cache or from the frozen encoders."""
+        """(latents, text conditioning, which captions were dropped) for a batch, from the cache or from the
+        frozen encoders."""
         from distill_sd.conditioning import encode_latent_dist, encode_text, sample_latents
 
+        drop = None
         if cfg.cache is not None:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
             ids = batch["caption_id"]
@@ -515,11 +531,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             if cond.pooled is not None:
                 cond.pooled = cond.pooled.to(weight_dtype)
         latents = sample_latents(mean, std, scaling_factor, g)
-        return latents, cond
+        return latents, cond, drop
 
     def step_loss(batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
         g = torch.Generator(device=device).manual_seed(_mix(cfg.seed, global_step, micro, accelerator.process_index))
-        latents, cond = conditioning(batch, g)
+        latents, cond, dropped = conditioning(batch, g)
         noise = torch.randn(latents.shape, generator=g, device=device)
         if cfg.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
             noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=device)
@@ -531,6 +547,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         kwargs = cond.unet_kwargs(resolution)
         # A shared teacher starts on this batch now and works while the student runs; a local one runs below.
         pending = teacher_forward.submit(noisy, timesteps, kwargs) if distilling else None
+        if attention_maps is not None:
+            attention_maps.clear()
         with accelerator.autocast():
             pred = student(noisy, timesteps, **kwargs).sample
         teacher_pred, s_feats, t_feats = None, [], []
@@ -544,7 +562,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             snr = compute_snr(noise_scheduler, timesteps)
             snr_w = torch.stack([snr, cfg.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
             snr_w = snr_w / snr if prediction_type == "epsilon" else snr_w / (snr + 1)
-        return distillation_loss(pred, target, weights, teacher_pred, s_feats, t_feats, snr_w)
+        terms = distillation_loss(pred, target, weights, teacher_pred, s_feats, t_feats, snr_w)
+        if attention_maps is not None:  # a dropped (empty) caption names no object: nothing to ground
+            tokens = batch["ground_tokens"].to(device)
+            if dropped is not None:
+                tokens = tokens.masked_fill(dropped.to(device)[:, None, None], -1)
+            terms["ground"] = grounding_loss(attention_maps.take(), batch["ground_masks"].to(device), tokens)
+            terms["loss"] = terms["loss"] + cfg.loss_ground * terms["ground"]
+        return terms
 
     # -- the loop -----------------------------------------------------------------------------------------
     batches_per_epoch = None if streaming else (len(dataset) // accelerator.num_processes) // cfg.train_batch_size
@@ -611,6 +636,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             step_started = time.perf_counter()
         epoch += 1
     bar.close()
+    if attention_maps is not None:  # the saved model runs the original (fused) attention processors
+        attention_maps.remove()
 
     # -- the final pipeline -------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

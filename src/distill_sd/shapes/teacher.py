@@ -45,6 +45,19 @@ def parse_restart(text: str) -> tuple[int, float]:
     return parsed
 
 
+def parse_grounding(text: str) -> tuple[int, float, float]:
+    """`3000:1e-4:0.5` -> (3000, 0.0001, 0.5), for --grounding."""
+    parts = text.split(":")
+    try:
+        steps, lr, weight = int(parts[0]), float(parts[1]), float(parts[2])
+    except (ValueError, IndexError):
+        steps, lr, weight = 0, 0.0, 0.0
+    if len(parts) != 3 or steps < 1 or not lr > 0 or not weight > 0:
+        raise argparse.ArgumentTypeError(f"expected STEPS:LEARNING_RATE:WEIGHT, all > 0, such as 3000:1e-4:0.5, "
+                                         f"got {text!r}")
+    return steps, lr, weight
+
+
 def teacher_dir() -> Path:
     """The shipped teacher pipeline (diffusers format) inside the installed package."""
     path = Path(str(resources.files("distill_sd"))) / "shapes" / "assets" / "teacher"
@@ -82,26 +95,35 @@ def save_shipped(pipe_dir: Path, out: Path) -> None:
 def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: int, seed: int = 0,
                  learning_rate: float = 1e-3, restarts: tuple[tuple[int, float], ...] = RESTARTS,
                  snr_gamma: float | None = 5.0, vae_dir: Path | None = None, eval_prompts: int = 300,
-                 reader_steps: int | None = None, reader_nouns: bool = False) -> dict:
-    from distill_sd.cache import build_cache
+                 reader_steps: int | None = None, reader_nouns: bool = False,
+                 grounding: tuple[int, float, float] | None = None, start_from: Path | None = None) -> dict:
+    """Every stage. `grounding` (steps, peak lr, weight): one more cycle with the grounding loss added (each
+    object's words must attend inside that object, kd.grounding_loss); with `start_from`, a teacher pipeline
+    whose earlier cycles are done, only the data, the cache and that cycle run."""
+    from distill_sd.cache import GROUNDING_FILE, build_cache
     from distill_sd.models import check_new_output_dir, load_teacher
     from distill_sd.shapes import export_image_folder, heldout_prompts
+    from distill_sd.shapes.grounding import add_grounding
     from distill_sd.shapes.kit import READER_STEPS, build_kit
     from distill_sd.shapes.vae import train_vae
     from distill_sd.train import TrainConfig, train
 
     check_new_output_dir(out)
     work.mkdir(parents=True, exist_ok=True)
-    vae = vae_dir if vae_dir is not None else (work / "vae" if (work / "vae").is_dir() else train_vae(work / "vae"))
-    kit = work / "kit" if (work / "kit").is_dir() else build_kit(
-        work / "kit", vae, seed=seed, reader_steps=READER_STEPS if reader_steps is None else reader_steps,
-        reader_nouns=reader_nouns)
+    if start_from is not None:  # its text encoder and VAE are the kit's: frozen in every cycle
+        kit = start_from
+    else:
+        vae = vae_dir if vae_dir is not None else (work / "vae" if (work / "vae").is_dir() else train_vae(work / "vae"))
+        kit = work / "kit" if (work / "kit").is_dir() else build_kit(
+            work / "kit", vae, seed=seed, reader_steps=READER_STEPS if reader_steps is None else reader_steps,
+            reader_nouns=reader_nouns)
     data = work / "data" if (work / "data").is_dir() else export_image_folder(work / "data", images, seed, "train")
     if not (work / "cache").is_dir():
         build_cache(load_teacher(kit).pipeline, str(kit), str(data), work / "cache", resolution=64, batch_size=64)
 
     def cycle(run: str, steps: int, learning_rate: float, warmup: int, seed: int, **source) -> Path:
-        """One cosine cycle of the U-Net's task loss, checkpointed every 500 steps and resumable."""
+        """One cosine cycle of the U-Net's task loss (and `loss_ground`, if given), checkpointed every 500 steps
+        and resumable."""
         if (work / run / "final").is_dir():  # finished before an interruption of a later stage
             return work / run / "final"
         return train(TrainConfig(
@@ -113,17 +135,27 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
             use_ema=True, ema_decay=0.999, checkpointing_steps=500,
             checkpoints_total_limit=2, resume_from_checkpoint="latest", report_to="tensorboard"))
 
-    final = cycle("run", steps, learning_rate, min(500, steps // 10), seed, mode="pretrain", base=str(kit))
-    for i, (restart_steps, restart_lr) in enumerate(restarts, start=2):  # warm restarts from the last EMA weights
+    if start_from is not None:
+        final = start_from
+    else:
+        final = cycle("run", steps, learning_rate, min(500, steps // 10), seed, mode="pretrain", base=str(kit))
+    for i, (restart_steps, restart_lr) in enumerate(() if start_from else restarts, start=2):  # warm restarts
         final = cycle(f"run{i}", restart_steps, restart_lr, min(200, restart_steps // 10), seed + i - 1,
                       mode="finetune", student=str(final))
+    if grounding is not None:
+        ground_steps, ground_lr, ground_weight = grounding
+        if not (work / "cache" / GROUNDING_FILE).is_file():
+            add_grounding(work / "cache", data, load_teacher(kit).pipeline.tokenizer)
+        final = cycle("run-ground", ground_steps, ground_lr, min(200, ground_steps // 10), seed + len(restarts) + 1,
+                      mode="finetune", student=str(final), loss_ground=ground_weight)
     save_shipped(final, out)
     from distill_sd.demo import evaluate_model
 
     result = evaluate_model("teacher", out, heldout_prompts(eval_prompts, seed=EVAL_SEED))
     summary = {"heldout_accuracy": result.accuracy, "scores": result.scores, "steps": steps, "images": images,
                "batch_size": batch_size, "learning_rate": learning_rate, "restarts": [list(r) for r in restarts],
-               "snr_gamma": snr_gamma, "seed": seed, "reader_nouns": reader_nouns}
+               "snr_gamma": snr_gamma, "seed": seed, "reader_nouns": reader_nouns,
+               "grounding": list(grounding) if grounding else None}
     (work / "teacher_eval.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
@@ -140,6 +172,11 @@ def main() -> None:
     p.add_argument("--restarts", nargs="*", type=parse_restart, default=list(RESTARTS), metavar="STEPS:LR",
                    help="further cosine cycles, each a warm restart from the previous one's EMA weights "
                         f"(default: {' '.join(f'{n}:{lr:g}' for n, lr in RESTARTS)}; none: `--restarts` alone)")
+    p.add_argument("--grounding", type=parse_grounding, metavar="STEPS:LR:WEIGHT",
+                   help="experimental: one more cycle with the grounding loss at this weight, such as 1500:1e-4:0.1 "
+                        "(measured to cost accuracy on held-out compositions: see the teacher's README)")
+    p.add_argument("--start-from", help="with --grounding: a teacher pipeline whose cycles are done (such as the "
+                   "shipped one); only the grounding cycle runs, from it")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting gamma (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="an already trained shapes VAE folder")
@@ -148,10 +185,13 @@ def main() -> None:
     p.add_argument("--reader-nouns", action="store_true",
                    help="experimental: each shape word also learns its own object's colour and stated size")
     a = p.parse_args()
+    if a.start_from and not a.grounding:
+        p.error("--start-from runs only the grounding cycle: give --grounding STEPS:LR:WEIGHT too")
     make_teacher(Path(a.work), Path(a.out), steps=a.steps, images=a.images, batch_size=a.batch_size,
                  seed=a.seed, learning_rate=a.learning_rate, restarts=tuple(a.restarts),
                  snr_gamma=a.snr_gamma or None, vae_dir=Path(a.vae) if a.vae else None, reader_steps=a.reader_steps,
-                 reader_nouns=a.reader_nouns)
+                 reader_nouns=a.reader_nouns, grounding=a.grounding,
+                 start_from=Path(a.start_from) if a.start_from else None)
 
 
 if __name__ == "__main__":
