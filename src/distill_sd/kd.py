@@ -1,6 +1,7 @@
 """Feature taps (forward hooks) and the distillation loss.
 
 L = w_task * MSE(student, target) + w_out * MSE(student, teacher) + w_feat * sum_k MSE(F_s_k, F_t_k)
+  [+ w_ground * grounding_loss: each object's words attend inside its mask (CrossAttentionMaps, TokenCompose)]
 
 Taps are registered on module *objects* of the unwrapped model, found by name once, so they keep working
 when accelerate wraps the student in DDP/FSDP (the public scripts looked hooks up by name on the wrapper,

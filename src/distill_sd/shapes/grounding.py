@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from distill_sd.cache import GROUNDING_FILE
+from distill_sd.cache import GROUNDING_FILE, CachedExamples
 from distill_sd.errors import UserError
 from distill_sd.shapes.world import PALETTE, Scene, render_scene
 
@@ -36,17 +36,21 @@ def object_masks(scene: Scene, size: int) -> np.ndarray:
     return np.stack([(image == np.array(PALETTE[o.colour], dtype=np.uint8)).all(-1) for o in scene.objects])
 
 
-def object_word_tokens(scene: Scene, tokenizer: Any) -> list[list[int]]:
+def object_word_tokens(scene: Scene, tokenizer: Any, lengths: dict[str, int] | None = None) -> list[list[int]]:
     """Per object, the prompt positions of the tokens of its size, colour and shape words.
 
     Captions read "a [size] colour shape[ relation a [size] colour shape][ position phrase]": object k's words
     are the k-th run of its own attribute words. CLIP's tokenizer splits on spaces before BPE, so a word's
-    tokens are those of the word alone, and position 0 is the start-of-text token.
+    tokens are those of the word alone, and position 0 is the start-of-text token. `lengths` memoises each
+    word's token count across calls (a caption world has a few dozen words).
     """
+    lengths = {} if lengths is None else lengths
     positions: list[list[int]] = [[] for _ in scene.objects]
     k, at = 0, 1
     for word in scene.caption.split(" "):
-        n = len(tokenizer(word, add_special_tokens=False).input_ids)
+        if word not in lengths:
+            lengths[word] = len(tokenizer(word, add_special_tokens=False).input_ids)
+        n = lengths[word]
         if k < len(scene.objects) and word in (scene.objects[k].size, scene.objects[k].colour, scene.objects[k].shape):
             if word != scene.objects[k].size or scene.mentions_size:
                 positions[k] += range(at, at + n)
@@ -59,14 +63,16 @@ def object_word_tokens(scene: Scene, tokenizer: Any) -> list[list[int]]:
 def add_grounding(cache: str | Path, data: str | Path, tokenizer: Any) -> Path:
     """Write `cache/grounding.safetensors` for a cache of the exported shapes folder `data`."""
     cache, data = Path(cache), Path(data)
-    index = json.loads((cache / "cache.json").read_text())
+    examples = CachedExamples(cache)
+    index = examples.index
     records = {}
     for line in (data / "metadata.jsonl").read_text("utf-8").splitlines():
         row = json.loads(line)
         if "attributes" not in row:
             raise UserError(f"{data / 'metadata.jsonl'} has no 'attributes': grounding needs a shapes export")
         records[row["file_name"]] = Scene.from_dict(row["attributes"])
-    resolution, latent = index["resolution"], _latent_side(cache, index)
+    resolution, latent = index["resolution"], examples[0]["latent_mean"].shape[-1]
+    lengths: dict[str, int] = {}
     n = index["count"]
     masks = torch.zeros(n, MAX_OBJECTS, latent, latent, dtype=torch.float16)
     tokens = torch.full((n, MAX_OBJECTS, MAX_WORD_TOKENS), -1, dtype=torch.long)
@@ -76,18 +82,11 @@ def add_grounding(cache: str | Path, data: str | Path, tokenizer: Any) -> Path:
         scene = records[key]
         pixel = torch.from_numpy(object_masks(scene, resolution)).float()
         masks[i, :len(scene.objects)] = torch.nn.functional.adaptive_avg_pool2d(pixel, latent).half()
-        for k, words in enumerate(object_word_tokens(scene, tokenizer)):
+        for k, words in enumerate(object_word_tokens(scene, tokenizer, lengths)):
             tokens[i, k, :len(words)] = torch.tensor(words[:MAX_WORD_TOKENS])
     out = cache / GROUNDING_FILE
     save_file({"masks": masks, "tokens": tokens}, str(out))
     return out
-
-
-def _latent_side(cache: Path, index: dict) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(cache / index["shards"][0]), framework="pt") as f:
-        return f.get_slice("mean").get_shape()[-1]
 
 
 def main() -> int:
