@@ -7,6 +7,7 @@ import json
 import pytest
 
 from distill_sd.cli import main
+from distill_sd.report import machine, machine_line
 from distill_sd.shapes.teacher import teacher_dir
 
 
@@ -49,6 +50,7 @@ def test_quick_demo_writes_report_grid_and_tradeoff(tmp_path, capsys):
         assert [json.loads(line)["step"] for line in history] == list(range(1, 21))
     report = (out / "report.md").read_text()
     assert "| bk-tiny" in report and "held-out" in report
+    assert f"min on {machine()['cpu']}" in report  # a timing names the machine it was measured on
     for name in ("grid.png", "tradeoff.png"):
         assert (out / name).stat().st_size > 2000
     # re-running replaces a previous demo output, never a foreign folder
@@ -143,3 +145,9 @@ def test_failure_report_lists_failed_images_and_names_binding_failures(tmp_path)
     assert "nothing" in rows[1] and rows[2].rstrip(" |").endswith("leak")
     sheet = Image.open(tmp_path / "f" / "failures.png")
     assert sheet.width == 3 * 112 and sheet.height > 112  # one image per failure, captions above
+
+
+def test_machine_line_names_cpu_fast_paths_cores_and_torch():
+    m = {"cpu": "Some CPU", "isa": ["avx512f", "amx_bf16"], "cores": 2, "torch": "2.13.0"}
+    assert machine_line(m) == "Some CPU (avx512f, amx_bf16), 2 cores, torch 2.13.0"
+    assert machine_line({**m, "isa": []}) == "Some CPU, 2 cores, torch 2.13.0"  # no empty brackets

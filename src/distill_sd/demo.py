@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill_sd.errors import UserError
+from distill_sd.report import machine_line
 from distill_sd.shapes.teacher import (  # light: the teacher script's constants, no torch
     EVAL_GUIDANCE,
     EVAL_SCHEDULER,
@@ -89,7 +90,7 @@ def run_demo(out: Path, *, quick: bool = False, students: tuple[str, ...] = STUD
     tradeoff(rows, out / "tradeoff.png")
     table = _table(rows)
     minutes = (time.perf_counter() - started) / 60
-    (out / MARKER).write_text(_report(table, budget, len(scenes), minutes, quick))
+    (out / MARKER).write_text(_report(table, budget, len(scenes), minutes, quick, machine_line()))
     print()
     print(table)
     print(f"\nwrote {out / MARKER}, {out / 'grid.png'}, {out / 'tradeoff.png'}  ({minutes:.1f} min)")
@@ -308,7 +309,7 @@ def _vs_teacher(row: dict[str, Any]) -> str:
     return text
 
 
-def _report(table: str, budget: Budget, n_prompts: int, minutes: float, quick: bool) -> str:
+def _report(table: str, budget: Budget, n_prompts: int, minutes: float, quick: bool, machine: str) -> str:
     from distill_sd.shapes.teacher import EMPTY_PROMPTS
 
     return f"""# distill-sd demo{' (quick)' if quick else ''}
@@ -336,7 +337,9 @@ the teacher's training, EMA of the weights), then evaluated on {n_prompts} capti
 - U-Net MACs per forward at 64 px (a 16x16 latent), thop convention; s / image: median over batches of 16,
   text encoder + {EVAL_STEPS} steps with CFG + VAE decode, on this machine's CPU.
 
-Whole run: {minutes:.1f} min. Reproduce: `distill-sd demo{' --quick' if quick else ''}`.
+Whole run: {minutes:.1f} min on {machine}. Reproduce: `distill-sd demo{' --quick' if quick else ''}`. The
+figures repeat bit for bit on the same kind of CPU; another kind rounds differently in its float kernels, and the
+students' training takes another path.
 
 ![grid](grid.png)
 

@@ -46,3 +46,10 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
+
+def machine_line(m: dict[str, Any] | None = None) -> str:
+    """One line naming what a timing was measured on: 'Intel(R) Xeon(R) Processor (avx512f, amx_bf16), 2 cores,
+    torch 2.13.0'."""
+    m = machine() if m is None else m
+    isa = f" ({', '.join(m['isa'])})" if m["isa"] else ""
+    return f"{m['cpu']}{isa}, {m['cores']} cores, torch {m['torch']}"
