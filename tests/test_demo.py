@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,10 @@ def test_machine_line_names_cpu_fast_paths_cores_and_torch():
     m = {"cpu": "Some CPU", "isa": ["avx512f", "amx_bf16"], "cores": 2, "torch": "2.13.0"}
     assert machine_line(m) == "Some CPU (avx512f, amx_bf16), 2 cores, torch 2.13.0"
     assert machine_line({**m, "isa": []}) == "Some CPU, 2 cores, torch 2.13.0"  # no empty brackets
+
+
+def test_readme_shows_the_table_of_the_shipped_demo_report():
+    """README's demo table is docs/demo/report.md's, which `distill-sd demo --out docs/demo` wrote."""
+    root = Path(__file__).resolve().parents[1]
+    table = [line for line in (root / "docs" / "demo" / "report.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 6 and "\n".join(table) in (root / "README.md").read_text()

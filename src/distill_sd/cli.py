@@ -302,7 +302,7 @@ _TRAIN_HELP = {
     "data": "image folder (.txt captions or metadata.jsonl/.csv), HF dataset name/path, or webdataset .tar shards",
     "cache": "a `distill-sd cache` folder (latents + text embeddings) used instead of --data",
     "teacher": "teacher pipeline: folder, .safetensors or hub id",
-    "student": "distill: catalogue name, spec file or a built student folder; finetune: the pipeline to train",
+    "student": "distill: catalogue name, spec file or a built student folder; finetune, lora: the pipeline to train",
     "base": "pretrain: the pipeline whose tokenizer, text encoder, VAE and scheduler are used",
     "unet_config": "pretrain: U-Net config.json to initialise randomly (default: the base pipeline's)",
     "init": "distill from a catalogue name: bk (BK-SDM map) or first (OFA first layers)",
@@ -317,6 +317,8 @@ _TRAIN_HELP = {
     "teacher_dtype": "fp32 | fp16 | bf16: the frozen teacher's weights (default: the --mixed_precision dtype); "
                      "bf16 with --mixed_precision no is fastest on CPUs with AMX",
     "proportion_empty_prompts": "fraction of captions replaced by the empty prompt (for classifier-free guidance)",
+    "rank": "lora: rank of the adapters on the U-Net's attention projections",
+    "lora_alpha": "lora: adapters are scaled by lora_alpha / rank (default: the rank)",
 }
 
 
@@ -404,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mode, text in (("distill", "distil a student from a teacher (task + output + feature loss)"),
                        ("finetune", "continue training a pipeline's U-Net on the task loss"),
+                       ("lora", "train LoRA adapters on a pipeline's frozen U-Net (a diffusers LoRA file)"),
                        ("pretrain", "train a randomly initialised U-Net from a config on the task loss")):
         s = sub.add_parser(mode, help=text)
         _add_train_args(s, mode)
@@ -523,7 +526,7 @@ def _positive_multiple_of_8(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv and argv[0] in ("distill", "finetune", "pretrain"):
+    if argv and argv[0] in ("distill", "finetune", "lora", "pretrain"):
         sub = parser._subparsers._group_actions[0].choices[argv[0]]  # the mode's own parser
         try:
             _apply_config_file(sub, argv[1:])

@@ -1,8 +1,10 @@
-"""ONE training loop for pretrain | finetune | distill, on accelerate.
+"""ONE training loop for pretrain | finetune | lora | distill, on accelerate.
 
 The modes differ only in what they switch on:
     pretrain   a random-init U-Net (from a config) learns the task loss; frozen parts come from --base
     finetune   an existing U-Net continues on the task loss; no teacher
+    lora       as finetune, but the U-Net is frozen and only low-rank adapters on its attention projections
+               train (peft); the result is a diffusers LoRA file that stock `load_lora_weights` reads
     distill    a student (built from the catalogue, or a pre-built student folder) learns the task loss
                plus the teacher's output and block features (BK-SDM loss, see kd.py)
 
@@ -35,7 +37,9 @@ from distill_sd.kd import CrossAttentionMaps, FeatureTaps, LossWeights, TeacherF
 if TYPE_CHECKING:
     from distill_sd.shared_teacher import TeacherClient
 
-MODES = ("pretrain", "finetune", "distill")
+MODES = ("pretrain", "finetune", "lora", "distill")
+# Where LoRA adapters go: the attention projections, as in diffusers' train_text_to_image_lora.py.
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 RECIPES: dict[str, dict[str, Any]] = {
     # BK-SDM: plain sum of feature MSEs, weights 1/1/1, constant lr 5e-5.
     "bk-sdm": {"loss_task": 1.0, "loss_out": 1.0, "loss_feat": 1.0, "feature_norm": "none",
@@ -50,6 +54,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "train_state.json"  # written last: a checkpoint without it is incomplete and never resumed
+LORA_CHECKPOINT_FILE = "lora_adapters.safetensors"  # a LoRA run's checkpoints hold only its adapters
 
 
 @dataclass
@@ -61,7 +66,7 @@ class TrainConfig:
     data: str | None = None
     cache: str | None = None  # a `distill-sd cache` folder, instead of --data
     teacher: str | None = None  # distill
-    student: str | None = None  # distill: catalogue name, spec file or student folder; finetune: the model
+    student: str | None = None  # distill: catalogue name, spec file or student folder; finetune, lora: the model
     base: str | None = None  # pretrain: pipeline giving tokenizer, text encoder, VAE, scheduler (and U-Net config)
     unet_config: str | None = None  # pretrain: a U-Net config.json (default: the base pipeline's)
     init: str = "bk"
@@ -108,6 +113,8 @@ class TrainConfig:
     noise_offset: float = 0.0
     proportion_empty_prompts: float = 0.0
     teacher_dtype: str | None = None
+    rank: int = 4  # lora: adapter rank
+    lora_alpha: float | None = None  # lora: adapters are scaled by lora_alpha / rank (default: the rank, scale 1)
     progress: bool = True
 
     def resolved(self) -> TrainConfig:
@@ -119,6 +126,8 @@ class TrainConfig:
         filled = dict(RECIPES[self.recipe])
         if self.mode != "distill":
             filled.update(loss_out=0.0, loss_feat=0.0, learning_rate=1e-4)
+        if self.mode == "lora":
+            filled["lora_alpha"] = float(self.rank)
         values = asdict(self)
         for key, default in filled.items():
             if values[key] is None:
@@ -132,7 +141,7 @@ class TrainConfig:
         positive = {"train_batch_size": self.train_batch_size, "max_train_steps": self.max_train_steps,
                     "gradient_accumulation_steps": self.gradient_accumulation_steps,
                     "checkpointing_steps": self.checkpointing_steps, "validation_steps": self.validation_steps,
-                    "learning_rate": self.learning_rate}
+                    "learning_rate": self.learning_rate, "rank": self.rank}
         for name, value in positive.items():
             if not value > 0:
                 raise UserError(f"--{name} must be > 0, got {value}")
@@ -161,7 +170,13 @@ class TrainConfig:
             raise UserError("--loss_ground needs --cache: a cache with object masks (grounding.safetensors)")
         if self.cache and self.random_flip:
             raise UserError("--random_flip needs images, not a cache: cached latents are fixed; drop one of them")
-        needs = {"distill": ("teacher", "student"), "finetune": ("student",), "pretrain": ("base",)}[self.mode]
+        if self.mode == "lora":
+            if self.use_ema:
+                raise UserError("--use_ema is for full training; a LoRA run trains only its adapters: drop --use_ema")
+            if not self.lora_alpha > 0:
+                raise UserError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+        needs = {"distill": ("teacher", "student"), "finetune": ("student",), "lora": ("student",),
+                 "pretrain": ("base",)}[self.mode]
         for name in needs:
             if getattr(self, name) is None:
                 raise UserError(f"{self.mode} needs --{name}")
@@ -285,6 +300,39 @@ def save_checkpoint(accelerator: Any, out: Path, step: int, state: dict[str, Any
     return final
 
 
+def checkpoint_only_adapters(accelerator: Any) -> None:
+    """LoRA runs: checkpoints hold the adapters (megabytes) instead of the whole U-Net (3.4 GB at SD-1 size, and
+    frozen): on resume the U-Net comes from --student again and the adapters from the checkpoint."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            [model] = models
+            adapters = get_peft_model_state_dict(accelerator.unwrap_model(model))
+            save_file({k: v.contiguous() for k, v in adapters.items()}, Path(output_dir) / LORA_CHECKPOINT_FILE)
+        weights.clear()  # accelerate writes no model file of its own
+
+    def load(models: list[torch.nn.Module], input_dir: str) -> None:
+        model = models.pop()  # accelerate loads no model itself
+        f = Path(input_dir) / LORA_CHECKPOINT_FILE
+        if not f.is_file():
+            raise UserError(f"checkpoint '{input_dir}' holds no LoRA adapters ({LORA_CHECKPOINT_FILE}): it is not "
+                            "from a lora run; resume it with the mode that wrote it")
+        again = "resume with the --student and --rank the run was started with"
+        try:
+            result = set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(f))
+        except RuntimeError as e:  # adapter shapes differ: another rank or another model
+            raise UserError(f"checkpoint '{input_dir}' does not fit this run's adapters "
+                            f"({str(e).splitlines()[-1].strip()}): {again}") from None
+        if result.unexpected_keys:
+            raise UserError(f"checkpoint '{input_dir}' has adapters this run does not (such as "
+                            f"{result.unexpected_keys[0]}): {again}")
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
 # ------------------------------------------------------------------------------------------ models
 
 @dataclass
@@ -324,8 +372,19 @@ def load_models(cfg: TrainConfig) -> Models:
         torch.manual_seed(cfg.seed)
         student = UNet2DConditionModel.from_config(config)
         return Models(base.pipeline, cfg.base, student, student_name="pretrained")
-    if cfg.mode == "finetune":
+    if cfg.mode in ("finetune", "lora"):
         base = load_teacher(cfg.student, allow_pickle=cfg.allow_pickle)
+        if cfg.mode == "lora":
+            try:
+                from peft import LoraConfig
+            except ImportError:
+                raise UserError("lora needs peft: pip install 'distill-sd[train]' (or pip install peft)") from None
+
+            torch.manual_seed(cfg.seed)  # the adapters' random init (B starts at zero: step 0 is the model itself)
+            # peft freezes every weight but the adapters'
+            base.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                             target_modules=list(LORA_TARGETS)))
+            return Models(base.pipeline, cfg.student, base.unet, student_name=f"lora r{cfg.rank}")
         return Models(base.pipeline, cfg.student, base.unet, student_name="finetuned",
                       metadata=read_metadata(Path(cfg.student)) or {} if Path(cfg.student).is_dir() else {})
     # distill
@@ -426,7 +485,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         models.release_base()
         base = None
 
-    student.train().requires_grad_(True)
+    student.train()
+    if cfg.mode != "lora":  # a LoRA run trains only the adapters peft left trainable
+        student.requires_grad_(True)
+    trainable = [p for p in student.parameters() if p.requires_grad]
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     ema = None
@@ -472,12 +534,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     # -- optimiser and schedule -----------------------------------------------------------------------------
     lr = cfg.learning_rate * (cfg.gradient_accumulation_steps * cfg.train_batch_size *
                               accelerator.num_processes if cfg.scale_lr else 1)
-    optimizer = _optimizer(cfg, student, device)(student.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = _optimizer(cfg, student, device)(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    if cfg.mode == "lora":
+        checkpoint_only_adapters(accelerator)
     raw_student = accelerator.unwrap_model(student)
 
     # Feature taps on module objects of the unwrapped models: immune to DDP's `module.` renaming.
@@ -600,7 +664,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
                     raise UserError(_nan_message(terms, global_step, out))
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -732,8 +796,12 @@ def _save_final(cfg: TrainConfig, models: Models, unet: torch.nn.Module, final_d
                 "final losses": ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("lr", "sec"))}
     if data_stats is not None:
         training["data read"] = data_stats.summary()
-    meta = dict(models.metadata)
     unet = unet.to("cpu", dtype=torch.float32)
+    if cfg.mode == "lora":
+        training["adapters"] = f"LoRA rank {cfg.rank}, alpha {cfg.lora_alpha:g}, on {', '.join(LORA_TARGETS)}"
+        _save_lora(models, unet, final_dir, training)
+        return
+    meta = dict(models.metadata)
     if meta.get("teacher_unet_params"):
         meta["training"] = training
         meta["student_unet_params"] = sum(p.numel() for p in unet.parameters())
@@ -745,6 +813,30 @@ def _save_final(cfg: TrainConfig, models: Models, unet: torch.nn.Module, final_d
                 + "\n".join(f"- {k}: {v}" for k, v in training.items()) + "\n")
     # frozen parts may have run in the mixed dtype: save everything in fp32, as the teacher was loaded
     save_pipeline(models.pipeline(unet).to("cpu", dtype=torch.float32), final_dir, card=card, metadata=meta)
+    print(f"saved {final_dir}  ({training['final losses']})")
+
+
+def _save_lora(models: Models, unet: torch.nn.Module, final_dir: Path, training: dict[str, Any]) -> None:
+    """Only the adapters, in diffusers' LoRA format (pytorch_lora_weights.safetensors, as diffusers' LoRA scripts
+    write it), with a card saying which model they adapt: the base weights were never changed."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from distill_sd.models import METADATA_FILE, new_output_dir
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    pipeline_class = type(models.pipeline(unet))  # StableDiffusionPipeline, StableDiffusionXLPipeline, ...
+    base = models.base_source
+    card = (f"# LoRA for `{base}`\n\nTrained by distill-sd {_version()}. Use it with the model it was trained on:\n\n"
+            f"```python\nfrom diffusers import {pipeline_class.__name__}\n\n"
+            f"pipe = {pipeline_class.__name__}.from_pretrained({base!r})\npipe.load_lora_weights(\"{final_dir}\")\n```\n\n"
+            f"or `distill-sd generate {base} --lora {final_dir}`.\n\n"
+            + "\n".join(f"- {k}: {v}" for k, v in training.items()) + "\n")
+    with new_output_dir(final_dir) as tmp:
+        pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+        (tmp / "README.md").write_text(card)
+        (tmp / METADATA_FILE).write_text(json.dumps({"distill_sd_version": _version(), "base": base, "lora": True,
+                                                     "training": training}, indent=2))
     print(f"saved {final_dir}  ({training['final losses']})")
 
 

@@ -1,0 +1,138 @@
+"""`distill-sd lora`: adapters train on a frozen U-Net, save as a diffusers LoRA file that stock `load_lora_weights`
+and `distill-sd generate --lora` read, resume exactly, and refuse options that make no sense for them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill_sd.cli import main
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from distill_sd.shapes import export_image_folder
+
+    return export_image_folder(tmp_path_factory.mktemp("data") / "shapes", 32, seed=0)
+
+
+def _lora(base, data, out, steps, *extra):
+    return ["lora", "--student", str(base), "--data", str(data), "--out", str(out), "--resolution", "64",
+            "--train_batch_size", "4", "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--rank", "4",
+            "--report_to", "none", "--no-progress", *extra]
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _unet_output(pipe) -> torch.Tensor:
+    """The U-Net's prediction for one fixed input (latents, timestep, text states)."""
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    sample = torch.randn(1, unet.config.in_channels, size, size, generator=g)
+    states = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and size conditioning
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g),
+                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        return unet(sample, torch.tensor([500]), states, **kwargs).sample
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_lora_trains_only_adapters_that_stock_diffusers_loads(narrow_dirs, shapes, tmp_path, arch):
+    from diffusers import DiffusionPipeline
+
+    base = narrow_dirs[arch]
+    before = _digest(base)
+    run = tmp_path / "run"
+    assert main(_lora(base, shapes, run, 6)) == 0
+    final = run / "final"
+    weights = load_file(final / LORA_FILE)
+    assert weights and all("lora" in k for k in weights)  # adapters only: no base weight is saved
+    assert not (final / "unet").exists() and _digest(base) == before  # the base model is untouched
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 7))
+    meta = json.loads((final / "distill_sd.json").read_text())
+    assert meta["base"] == str(base) and "rank 4" in meta["training"]["adapters"]
+    assert "load_lora_weights" in (final / "README.md").read_text()
+
+    pipe = DiffusionPipeline.from_pretrained(base)
+    plain = _unet_output(pipe)
+    pipe.load_lora_weights(final)  # stock diffusers
+    adapted = _unet_output(pipe)
+    assert (adapted - plain).abs().max() > 1e-4  # the trained adapters change the prediction
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(_unet_output(pipe), plain)
+
+
+def test_lora_resumes_exactly_and_generate_applies_it(narrow_dirs, shapes, tmp_path, capsys):
+    base = narrow_dirs["sd15"]
+    straight = tmp_path / "straight"
+    assert main(_lora(base, shapes, straight, 6, "--checkpointing_steps", "3")) == 0
+    resumed = tmp_path / "resumed"
+    assert main(_lora(base, shapes, resumed, 6, "--checkpointing_steps", "3")) == 0
+    # back to where a kill after step 3 would have left it, then continue
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-6")
+    assert main(_lora(base, shapes, resumed, 6, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")) == 0
+    a, b = load_file(straight / "final" / LORA_FILE), load_file(resumed / "final" / LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    checkpoint = resumed / "checkpoints" / "checkpoint-6"  # the adapters and optimiser state, not the U-Net
+    assert (checkpoint / "lora_adapters.safetensors").is_file()
+    assert not [f for f in checkpoint.iterdir() if f.name.startswith("model")]
+    # another rank cannot continue these adapters: one line, nothing written
+    shutil.rmtree(resumed / "final")
+    capsys.readouterr()
+    code = main(_lora(base, shapes, resumed, 6, "--rank", "8", "--resume_from_checkpoint", "latest"))
+    err = capsys.readouterr().err
+    assert code != 0 and "--rank" in err and len(err.strip().splitlines()) == 1, err
+    assert not (resumed / "final").exists()
+
+    images = tmp_path / "images"
+    common = ["generate", str(base), "--prompt", "a red circle", "--steps", "2", "--seed", "0", "--height", "64",
+              "--width", "64"]
+    assert main([*common, "--out", str(images / "plain")]) == 0
+    assert main([*common, "--lora", str(straight / "final"), "--out", str(images / "lora")]) == 0
+    [plain], [lora] = (sorted((images / k).glob("*.png")) for k in ("plain", "lora"))
+    assert plain.read_bytes() != lora.read_bytes()
+
+
+def test_two_process_ddp_lora_checkpoints_and_saves(narrow_dirs, shapes, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill_sd",
+           *_lora(narrow_dirs["sd15"], shapes, out, 4, "--checkpointing_steps", "2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "checkpoints" / "checkpoint-2" / "lora_adapters.safetensors").is_file()
+    assert all("lora" in k for k in load_file(out / "final" / LORA_FILE))
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--use_ema"], "drop --use_ema"),
+    (["--rank", "0"], "--rank must be > 0"),
+    (["--lora_alpha", "-1"], "--lora_alpha must be > 0"),
+])
+def test_bad_lora_options_are_one_clear_line(narrow_dirs, shapes, tmp_path, capsys, extra, fragment):
+    code = main(_lora(narrow_dirs["sd15"], shapes, tmp_path / "run", 2) + extra)
+    err = capsys.readouterr().err
+    assert code != 0 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
