@@ -1,5 +1,5 @@
-"""`distill-sd lora`: adapters train on a frozen U-Net, save as a diffusers LoRA file that stock `load_lora_weights`
-and `distill-sd generate --lora` read, resume exactly, and refuse options that make no sense for them."""
+"""`distill-sd lora`: adapters train on a frozen U-Net, save as a diffusers LoRA file that stock `load_lora_weights`,
+`distill-sd generate --lora` and `serve --lora` read, resume exactly, and refuse options that make no sense for them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -63,8 +64,10 @@ def test_lora_trains_only_adapters_that_stock_diffusers_loads(narrow_dirs, shape
     base = narrow_dirs[arch]
     before = _digest(base)
     run = tmp_path / "run"
-    assert main(_lora(base, shapes, run, 6)) == 0
+    assert main(_lora(base, shapes, run, 6, "--validation_prompts", "a red circle", "--validation_steps", "6",
+                      "--validation_inference_steps", "2")) == 0
     final = run / "final"
+    assert (run / "validation" / "step-6" / "00.png").is_file()  # validation runs the U-Net with its adapters
     weights = load_file(final / LORA_FILE)
     assert weights and all("lora" in k for k in weights)  # adapters only: no base weight is saved
     assert not (final / "unet").exists() and _digest(base) == before  # the base model is untouched
@@ -83,7 +86,7 @@ def test_lora_trains_only_adapters_that_stock_diffusers_loads(narrow_dirs, shape
     torch.testing.assert_close(_unet_output(pipe), plain)
 
 
-def test_lora_resumes_exactly_and_generate_applies_it(narrow_dirs, shapes, tmp_path, capsys):
+def test_lora_resumes_exactly_and_generate_and_serve_apply_it(narrow_dirs, shapes, tmp_path, capsys):
     base = narrow_dirs["sd15"]
     straight = tmp_path / "straight"
     assert main(_lora(base, shapes, straight, 6, "--checkpointing_steps", "3")) == 0
@@ -113,6 +116,13 @@ def test_lora_resumes_exactly_and_generate_applies_it(narrow_dirs, shapes, tmp_p
     assert main([*common, "--lora", str(straight / "final"), "--out", str(images / "lora")]) == 0
     [plain], [lora] = (sorted((images / k).glob("*.png")) for k in ("plain", "lora"))
     assert plain.read_bytes() != lora.read_bytes()
+
+    from distill_sd.app import load_studio  # serve --compare BASE --lora: the base beside base + LoRA
+
+    studio = load_studio(str(base), str(base), lora=str(straight / "final"), device="cpu", dtype="fp32")
+    assert [e.label for e in studio.entries] == [f"teacher: {base.name}", f"student: {base.name} + LoRA final"]
+    without, _, with_lora, _ = studio.run("a red circle", "", 2, 7.5, 0, 64, 64, "dpm++")
+    assert not np.array_equal(np.asarray(without), np.asarray(with_lora))
 
 
 def test_two_process_ddp_lora_checkpoints_and_saves(narrow_dirs, shapes, tmp_path):

@@ -143,28 +143,30 @@ class Studio:
                 f"({params.steps} steps, {params.width}×{params.height}, {params.scheduler}, seed {params.seed})")
 
 
-def load_studio(model: str, compare: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                max_side: int = 1024, max_steps: int = 100) -> Studio:
-    """Load the pipeline(s) once: [teacher, student] with `compare`, else [model]."""
+def load_studio(model: str, compare: str | None = None, *, lora: str | None = None, device: str = "auto",
+                dtype: str = "auto", max_side: int = 1024, max_steps: int = 100) -> Studio:
+    """Load the pipeline(s) once: [teacher, student] with `compare`, else [model]; `lora` is fused into `model`
+    only (so `--compare` of the same model shows what the LoRA changes)."""
     if max_side < MIN_SIDE or max_side % 8:
         raise UserError(f"max_side must be a multiple of 8 and at least {MIN_SIDE}, got {max_side}")
     if max_steps < 1:
         raise UserError(f"max_steps must be at least 1, got {max_steps}")
-    student = load_pipeline(model, device=device, dtype=dtype, scheduler=DEFAULT_SCHEDULER)
+    student = load_pipeline(model, device=device, dtype=dtype, scheduler=DEFAULT_SCHEDULER, lora=lora)
+    name = _name(model) + (f" + LoRA {_name(lora)}" if lora else "")
     if compare is None:
-        entries = [Entry("model", _name(model), student)]
+        entries = [Entry("model", name, student)]
     else:
         # The same model twice (a smoke test of the page) shares one pipeline: both want the same scheduler per run.
-        teacher = student if compare == model else load_pipeline(compare, device=device, dtype=dtype,
-                                                                 scheduler=DEFAULT_SCHEDULER)
-        entries = [Entry("teacher", _name(compare), teacher), Entry("student", _name(model), student)]
+        same = compare == model and lora is None
+        teacher = student if same else load_pipeline(compare, device=device, dtype=dtype, scheduler=DEFAULT_SCHEDULER)
+        entries = [Entry("teacher", _name(compare), teacher), Entry("student", name, student)]
     return Studio(entries, max_side=max_side, max_steps=max_steps)
 
 
-def build_app(model: str, compare: str | None = None, *, device: str = "auto", dtype: str = "auto",
-              max_side: int = 1024, max_steps: int = 100, queue_size: int = QUEUE_SIZE) -> Any:
+def build_app(model: str, compare: str | None = None, *, lora: str | None = None, device: str = "auto",
+              dtype: str = "auto", max_side: int = 1024, max_steps: int = 100, queue_size: int = QUEUE_SIZE) -> Any:
     """The Gradio Blocks app (queued, one generation at a time). `build_app(...).launch()` serves it."""
-    return build_blocks(load_studio(model, compare, device=device, dtype=dtype, max_side=max_side,
+    return build_blocks(load_studio(model, compare, lora=lora, device=device, dtype=dtype, max_side=max_side,
                                     max_steps=max_steps), queue_size=queue_size)
 
 
@@ -214,11 +216,12 @@ def build_blocks(studio: Studio, *, queue_size: int = QUEUE_SIZE) -> Any:
 
 
 def serve(model: str, compare: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          *, device: str = "auto", dtype: str = "auto", max_side: int = 1024, max_steps: int = 100) -> None:
+          *, lora: str | None = None, device: str = "auto", dtype: str = "auto", max_side: int = 1024,
+          max_steps: int = 100) -> None:
     """Load the model(s) and serve the app until interrupted (blocks)."""
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
-    demo = build_app(model, compare, device=device, dtype=dtype, max_side=max_side, max_steps=max_steps)
+    demo = build_app(model, compare, lora=lora, device=device, dtype=dtype, max_side=max_side, max_steps=max_steps)
     try:
         demo.launch(server_name=host, server_port=port, share=share, show_error=True, footer_links=["api"])
     except OSError as e:  # port taken, address not on this machine, ...

@@ -274,8 +274,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from distill_sd.app import serve
 
-    serve(args.model, args.compare, host=args.host, port=args.port, share=args.share, device=args.device,
-          dtype=args.dtype)
+    serve(args.model, args.compare, host=args.host, port=args.port, share=args.share, lora=args.lora,
+          device=args.device, dtype=args.dtype)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -462,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="a Gradio web app; --compare shows teacher and student side by side")
     s.add_argument("model", help="pipeline folder, .safetensors file or hub id")
     s.add_argument("--compare", help="a second pipeline (the teacher), run from the same seed")
+    s.add_argument("--lora", help="a LoRA file or folder fused into MODEL (not into --compare)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")

@@ -829,7 +829,8 @@ def _save_lora(models: Models, unet: torch.nn.Module, final_dir: Path, training:
     base = models.base_source
     card = (f"# LoRA for `{base}`\n\nTrained by distill-sd {_version()}. Use it with the model it was trained on:\n\n"
             f"```python\nfrom diffusers import {pipeline_class.__name__}\n\n"
-            f"pipe = {pipeline_class.__name__}.from_pretrained({base!r})\npipe.load_lora_weights(\"{final_dir}\")\n```\n\n"
+            f"pipe = {pipeline_class.__name__}.from_pretrained({json.dumps(base)})\n"
+            f"pipe.load_lora_weights({json.dumps(str(final_dir))})\n```\n\n"
             f"or `distill-sd generate {base} --lora {final_dir}`.\n\n"
             + "\n".join(f"- {k}: {v}" for k, v in training.items()) + "\n")
     with new_output_dir(final_dir) as tmp:
