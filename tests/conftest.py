@@ -26,6 +26,21 @@ def narrow_dirs(tmp_path_factory):
     return {arch: save_pipeline(reference_pipeline(arch, narrow=True, seed=1), root / arch) for arch in ARCHS}
 
 
+@pytest.fixture(scope="session")
+def launch_two_processes():
+    """`launch(argv)`: `distill-sd ARGV` as two CPU processes under `accelerate launch` (DDP); fails on error."""
+    import subprocess
+    import sys
+
+    def launch(argv: list[str]) -> None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill_sd", *argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    return launch
+
+
 @pytest.fixture(autouse=True)
 def _default_sigchld():
     """Undo torch's process-wide SIGCHLD handler after a test that used DataLoader workers.

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,13 +123,9 @@ def test_lora_resumes_exactly_and_generate_and_serve_apply_it(narrow_dirs, shape
     assert not np.array_equal(np.asarray(without), np.asarray(with_lora))
 
 
-def test_two_process_ddp_lora_checkpoints_and_saves(narrow_dirs, shapes, tmp_path):
+def test_two_process_ddp_lora_checkpoints_and_saves(narrow_dirs, shapes, tmp_path, launch_two_processes):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill_sd",
-           *_lora(narrow_dirs["sd15"], shapes, out, 4, "--checkpointing_steps", "2")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    launch_two_processes(_lora(narrow_dirs["sd15"], shapes, out, 4, "--checkpointing_steps", "2"))
     assert (out / "checkpoints" / "checkpoint-2" / "lora_adapters.safetensors").is_file()
     assert all("lora" in k for k in load_file(out / "final" / LORA_FILE))
 

@@ -199,13 +199,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(narrow_dirs, sha
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
-def test_two_process_ddp_distill_loads(narrow_dirs, shapes, tmp_path):
+def test_two_process_ddp_distill_loads(narrow_dirs, shapes, tmp_path, launch_two_processes):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill_sd",
-           *_args(narrow_dirs["sd15"], shapes, out, 3, "--use_ema")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    launch_two_processes(_args(narrow_dirs["sd15"], shapes, out, 3, "--use_ema"))
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(out / "final")
