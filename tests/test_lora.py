@@ -58,12 +58,16 @@ def _unet_output(pipe) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_lora_trains_only_adapters_that_stock_diffusers_loads(narrow_dirs, shapes, tmp_path, arch):
     from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    from distill_sd.train import LORA_TARGETS
 
     base = narrow_dirs[arch]
     before = _digest(base)
     run = tmp_path / "run"
-    assert main(_lora(base, shapes, run, 6, "--validation_prompts", "a red circle", "--validation_steps", "6",
-                      "--validation_inference_steps", "2")) == 0
+    assert main(_lora(base, shapes, run, 6, "--lora_alpha", "2", "--validation_prompts", "a red circle",
+                      "--validation_steps", "6", "--validation_inference_steps", "2")) == 0
     final = run / "final"
     assert (run / "validation" / "step-6" / "00.png").is_file()  # validation runs the U-Net with its adapters
     weights = load_file(final / LORA_FILE)
@@ -72,14 +76,21 @@ def test_lora_trains_only_adapters_that_stock_diffusers_loads(narrow_dirs, shape
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 7))
     meta = json.loads((final / "distill_sd.json").read_text())
-    assert meta["base"] == str(base) and "rank 4" in meta["training"]["adapters"]
+    assert meta["base"] == str(base) and "rank 4, alpha 2" in meta["training"]["adapters"]
     assert "load_lora_weights" in (final / "README.md").read_text()
+
+    # What the run trained: the base U-Net with the adapters of its last checkpoint, rebuilt with peft
+    trained = DiffusionPipeline.from_pretrained(base)
+    trained.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=list(LORA_TARGETS)))
+    checkpoint = load_file(run / "checkpoints" / "checkpoint-6" / "lora_adapters.safetensors")
+    assert not set_peft_model_state_dict(trained.unet, checkpoint).unexpected_keys
 
     pipe = DiffusionPipeline.from_pretrained(base)
     plain = _unet_output(pipe)
-    pipe.load_lora_weights(final)  # stock diffusers
+    pipe.load_lora_weights(final)  # stock diffusers: the saved file alone, alpha 2 of rank 4 included
     adapted = _unet_output(pipe)
-    assert (adapted - plain).abs().max() > 1e-4  # the trained adapters change the prediction
+    assert (adapted - plain).abs().max() > 1e-4  # the trained adapters change the prediction...
+    torch.testing.assert_close(adapted, _unet_output(trained))  # ...exactly as in training
     pipe.unload_lora_weights()
     torch.testing.assert_close(_unet_output(pipe), plain)
 
@@ -114,6 +125,13 @@ def test_lora_resumes_exactly_and_generate_and_serve_apply_it(narrow_dirs, shape
     assert main([*common, "--lora", str(straight / "final"), "--out", str(images / "lora")]) == 0
     [plain], [lora] = (sorted((images / k).glob("*.png")) for k in ("plain", "lora"))
     assert plain.read_bytes() != lora.read_bytes()
+
+    capsys.readouterr()  # evaluate BASE BASE --lora: the LoRA goes into the last model only
+    assert main(["evaluate", str(base), str(base), "--lora", str(straight / "final"), "--prompts", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == [str(base), f"{base} + LoRA {straight / 'final'}"]
+    assert main(["evaluate", str(base), "--lora", str(tmp_path / "nothing"), "--prompts", "2"]) != 0
+    assert "--lora" in capsys.readouterr().err
 
     from distill_sd.app import load_studio  # serve --compare BASE --lora: the base beside base + LoRA
 

@@ -241,10 +241,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     scenes = eval_scenes(args.prompts, args.split, args.seed)
     results = []
     with tqdm(total=len(scenes) * len(args.model), desc="evaluating on held-out compositions", unit="image") as bar:
-        for m in args.model:
-            results.append(evaluate_model(m, Path(m), scenes, reference=results[0] if results else None, progress=bar,
-                                          seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                          scheduler=args.scheduler))
+        for i, m in enumerate(args.model):
+            lora = args.lora if args.lora and i == len(args.model) - 1 else None  # into the last model only
+            results.append(evaluate_model(f"{m} + LoRA {args.lora}" if lora else m, Path(m), scenes,
+                                          reference=results[0] if results else None, progress=bar, seed=args.seed,
+                                          steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                                          lora=lora))
     rows = [{"model": r.name, **r.scores, "agreement_with_first": r.agreement, "seconds_per_image": r.seconds_per_image}
             for r in results]
     if args.failures:
@@ -503,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (default: %(default)s, the demo's)")
     s.add_argument("--scheduler", default=EVAL_SCHEDULER, choices=SCHEDULER_NAMES,
                    help="sampler (default: %(default)s, the demo's)")
+    s.add_argument("--lora", help="a LoRA fused into the last MODEL (list its base first too, to compare: "
+                   "evaluate BASE BASE --lora LORA)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_evaluate)
 

@@ -254,15 +254,19 @@ def eval_scenes(n: int, split: str = "heldout", seed: int = EVAL_SEED) -> list[A
 
 def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalResult | None = None,
                    progress: Any = None, seed: int = EVAL_SEED, steps: int = EVAL_STEPS,
-                   guidance: float = EVAL_GUIDANCE, scheduler: str = EVAL_SCHEDULER) -> EvalResult:
+                   guidance: float = EVAL_GUIDANCE, scheduler: str = EVAL_SCHEDULER,
+                   lora: Path | None = None) -> EvalResult:
     """One pipeline's images of `scenes` (by default DPM++ with the teacher's eval steps and guidance; image i
-    from seed + i), scored exactly; agreement is measured against `reference` (the teacher's result) when given."""
+    from seed + i), scored exactly; agreement is measured against `reference` (the teacher's result) when given.
+    `lora`: a LoRA fused into the pipeline first."""
     from distill_sd.evaluate import evaluate
-    from distill_sd.generate import set_scheduler
+    from distill_sd.generate import fuse_lora, set_scheduler
     from distill_sd.measure import count_macs, count_params, meta_unet
     from distill_sd.models import load_teacher
 
     pipe = load_teacher(path).pipeline
+    if lora is not None:
+        fuse_lora(pipe, lora)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     r = evaluate(name, pipe, scenes, seed=seed, steps=steps, guidance=guidance, reference=reference,

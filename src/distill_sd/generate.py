@@ -80,15 +80,20 @@ def load_pipeline(model: str, *, device: str = "auto", dtype: str = "auto", sche
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
     if lora is not None:
-        if not Path(lora).exists():
-            raise UserError(f"--lora '{lora}' not found")
-        try:
-            pipe.load_lora_weights(lora)
-            pipe.fuse_lora()
-        except Exception as e:  # wrong base model, not a LoRA file, ...
-            raise UserError(f"could not apply LoRA '{lora}': {str(e).splitlines()[0]}") from None
+        fuse_lora(pipe, lora)
     optimize(pipe, dev, dt, compile=compile)
     return pipe
+
+
+def fuse_lora(pipe: Any, lora: str | Path) -> None:
+    """Merge a diffusers-format LoRA (file or folder, such as `distill-sd lora`'s OUT/final) into the weights."""
+    if not Path(lora).exists():
+        raise UserError(f"--lora '{lora}' not found")
+    try:
+        pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora()
+    except Exception as e:  # wrong base model, not a LoRA file, ...
+        raise UserError(f"could not apply LoRA '{lora}': {str(e).splitlines()[0]}") from None
 
 
 def optimize(pipe: Any, device: torch.device, dtype: torch.dtype, compile: bool = False) -> Any:

@@ -834,7 +834,10 @@ def _save_lora(models: Models, unet: torch.nn.Module, final_dir: Path, training:
             f"or `distill-sd generate {base} --lora {final_dir}`.\n\n"
             + "\n".join(f"- {k}: {v}" for k, v in training.items()) + "\n")
     with new_output_dir(final_dir) as tmp:
-        pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+        # The adapter config goes into the file's metadata: without it, loaders assume lora_alpha = rank and scale
+        # the adapters wrongly whenever --lora_alpha differs (measured: tests/test_lora.py)
+        pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True,
+                                         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
         (tmp / "README.md").write_text(card)
         (tmp / METADATA_FILE).write_text(json.dumps({"distill_sd_version": _version(), "base": base, "lora": True,
                                                      "training": training}, indent=2))
