@@ -125,6 +125,11 @@ def test_lora_resumes_exactly_and_generate_and_serve_apply_it(narrow_dirs, shape
     assert main([*common, "--lora", str(straight / "final"), "--out", str(images / "lora")]) == 0
     [plain], [lora] = (sorted((images / k).glob("*.png")) for k in ("plain", "lora"))
     assert plain.read_bytes() != lora.read_bytes()
+    from distill_sd.generate import fuse_lora, load_pipeline
+
+    fused = load_pipeline(str(base), device="cpu", dtype="fp32")
+    fuse_lora(fused, straight / "final")  # merged, then a plain U-Net again: nothing of peft left
+    assert not [n for n, _ in fused.unet.named_parameters() if "lora" in n]
 
     capsys.readouterr()  # evaluate BASE BASE --lora: the LoRA goes into the last model only
     assert main(["evaluate", str(base), str(base), "--lora", str(straight / "final"), "--prompts", "2", "--json"]) == 0

@@ -86,12 +86,14 @@ def load_pipeline(model: str, *, device: str = "auto", dtype: str = "auto", sche
 
 
 def fuse_lora(pipe: Any, lora: str | Path) -> None:
-    """Merge a diffusers-format LoRA (file or folder, such as `distill-sd lora`'s OUT/final) into the weights."""
+    """Merge a diffusers-format LoRA (file or folder, such as `distill-sd lora`'s OUT/final) into the weights, then
+    drop the adapter modules: a plain pipeline again (as fast as the base, same parameter count)."""
     if not Path(lora).exists():
         raise UserError(f"--lora '{lora}' not found")
     try:
         pipe.load_lora_weights(str(lora))
         pipe.fuse_lora()
+        pipe.unload_lora_weights()  # after fuse_lora: keeps the merged weights
     except Exception as e:  # wrong base model, not a LoRA file, ...
         raise UserError(f"could not apply LoRA '{lora}': {str(e).splitlines()[0]}") from None
 
