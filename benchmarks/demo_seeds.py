@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import shutil
 import statistics
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from distill_sd.demo import FULL, cache_data, distill_config, distill_in_parallel, eval_scenes, evaluate_model
-from distill_sd.report import machine  # CPU model, ISA, cores, versions
+from distill_sd.report import machine, write_results  # machine: CPU model, ISA, cores, versions
 from distill_sd.shapes import export_image_folder
 from distill_sd.shapes.teacher import teacher_dir
 
@@ -103,14 +102,9 @@ def main(argv: list[str] | None = None) -> None:
               "command": command, "machine": machine(), "student": args.student, "seeds": seeds,
               "budget": asdict(budget), "teacher_accuracy": reference.accuracy, "train_s": train_s,
               "summary": summarise(runs), "runs": runs, "total_wall_s": time.perf_counter() - started}
-    md = markdown(report)
-    print("\n" + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_seeds.md").write_text(md)
-    (out / "demo_seeds.json").write_text(json.dumps(report, indent=1))
+    written = write_results(args.out, "demo_seeds", report, markdown(report))
     shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out / 'demo_seeds.md'} and .json ({report['total_wall_s'] / 60:.1f} min)")
+    print(f"wrote {written} and .json ({report['total_wall_s'] / 60:.1f} min)")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

@@ -49,7 +49,7 @@ from distill_sd.demo import (
     eval_scenes,
     evaluate_model,
 )
-from distill_sd.report import machine
+from distill_sd.report import machine, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 STUDENT = "bk-tiny"
@@ -163,13 +163,8 @@ def main(argv: list[str] | None = None) -> None:
               "teacher": teacher_row, "student": student, "prepare_s": prepare_s,
               "summary": summarise(runs), "runs": runs, "workdir": str(work),
               "total_wall_s": time.perf_counter() - started}
-    md = markdown(report)
-    print("\n" + md)
-    results = Path(args.out)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "kd_ablation.md").write_text(md)
-    (results / "kd_ablation.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {results / 'kd_ablation.md'} and .json  (total {report['total_wall_s'] / 60:.1f} min; runs in {work})")
+    written = write_results(args.out, "kd_ablation", report, markdown(report))
+    print(f"wrote {written} and .json  (total {report['total_wall_s'] / 60:.1f} min; runs in {work})")
 
 
 def _losses(losses: dict[str, float]) -> str:

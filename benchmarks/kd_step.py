@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import distill_sd  # noqa: F401  (sets torch's OpenMP wait policy before torch loads; see its __init__)
-from distill_sd.report import machine  # noqa: E402  (CPU model, ISA, cores, versions)
+from distill_sd.report import machine, write_results  # noqa: E402  (machine: CPU model, ISA, cores, versions)
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("ours", "ref")  # always measured; --extra adds EXTRA (the same command with other precision flags)
@@ -376,13 +376,8 @@ def main(argv: list[str] | None = None) -> None:
               "variant_commands": {v: shlex.join(c) for v, c in commands.items()},
               "summary": summary, "runs": results,
               "total_wall_s": time.perf_counter() - started}
-    md = markdown(report)
-    print("\n" + md)
-    results_dir = Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "kd_step.md").write_text(md)
-    (results_dir / "kd_step.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {results_dir / 'kd_step.md'} and .json  (total {report['total_wall_s'] / 60:.1f} min)")
+    written = write_results(args.results, "kd_step", report, markdown(report))
+    print(f"wrote {written} and .json  (total {report['total_wall_s'] / 60:.1f} min)")
 
 
 def _q(values: list[float]) -> tuple[float, float]:

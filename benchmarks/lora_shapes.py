@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from distill_sd.demo import cache_data, eval_scenes, evaluate_model
-from distill_sd.report import machine, machine_line, markdown_table
+from distill_sd.report import machine, machine_line, markdown_table, write_results
 from distill_sd.shapes import export_image_folder
 from distill_sd.shapes.teacher import EMPTY_PROMPTS, teacher_dir
 from distill_sd.train import TrainConfig, train
@@ -96,14 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {"benchmark": "lora_shapes", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": command, "machine": machine(), "steps": args.steps, "batch_size": args.batch_size,
               "images": args.images, "prompts": args.prompts, "rows": rows, "total_wall_s": time.perf_counter() - started}
-    md = markdown(report)
-    print("\n" + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lora_shapes.md").write_text(md)
-    (out / "lora_shapes.json").write_text(json.dumps(report, indent=1))
+    written = write_results(args.out, "lora_shapes", report, markdown(report))
     shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out / 'lora_shapes.md'} and .json ({report['total_wall_s'] / 60:.1f} min)")
+    print(f"wrote {written} and .json ({report['total_wall_s'] / 60:.1f} min)")
 
 
 def scores(model: Path, lora: Path | None, heldout: list[Any], kept: list[Any]) -> dict[str, float]:

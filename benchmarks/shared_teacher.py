@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from distill_sd.demo import FULL, STUDENTS, cache_data, distill_config, distill_in_parallel
-from distill_sd.report import machine  # CPU model, ISA, cores, versions
+from distill_sd.report import machine, write_results  # machine: CPU model, ISA, cores, versions
 from distill_sd.shapes import export_image_folder
 from distill_sd.shapes.teacher import teacher_dir
 from distill_sd.train import fingerprint
@@ -79,12 +79,7 @@ def main() -> None:
                      for v in VARIANTS},
         "weights_identical": all(len(f) == 1 for f in prints.values()),
     }
-    md = markdown(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shared_teacher.json").write_text(json.dumps(report, indent=1))
-    (out / "shared_teacher.md").write_text(md)
-    print(md)
+    write_results(args.out, "shared_teacher", report, markdown(report))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -53,3 +53,16 @@ def machine_line(m: dict[str, Any] | None = None) -> str:
     m = machine() if m is None else m
     isa = f" ({', '.join(m['isa'])})" if m["isa"] else ""
     return f"{m['cpu']}{isa}, {m['cores']} cores, torch {m['torch']}"
+
+
+def write_results(folder: str | Path, name: str, report: dict[str, Any], md: str) -> Path:
+    """A benchmark's result, printed and written as NAME.md (the table people read) and NAME.json (everything, for
+    re-analysis); returns the .md path."""
+    import json
+
+    print("\n" + md)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(md)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    return out / f"{name}.md"
