@@ -153,6 +153,27 @@ def test_two_process_ddp_lora_checkpoints_and_saves(narrow_dirs, shapes, tmp_pat
     assert all("lora" in k for k in load_file(out / "final" / LORA_FILE))
 
 
+def test_instance_prompt_captions_a_folder_of_bare_images(narrow_dirs, shapes, tmp_path, capsys):
+    """DreamBooth's data: a few images, no captions, one prompt for all of them (training and caching)."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in sorted(shapes.glob("*.png"))[:8]:
+        shutil.copy(f, bare / f.name)
+    base = narrow_dirs["sd15"]
+    run = tmp_path / "run"
+    assert main(_lora(base, bare, run, 2)) != 0  # without it: the missing captions are an error
+    assert "--allow-empty-captions" in capsys.readouterr().err
+    assert main(_lora(base, bare, run, 2, "--instance_prompt", "a photo of sks circle")) == 0
+    assert (run / "final" / LORA_FILE).is_file()
+    cache = tmp_path / "cache"
+    assert main(["cache", "--base", str(base), "--data", str(shapes), "--out", str(cache), "--resolution", "64",
+                 "--instance_prompt", "a photo of sks circle"]) == 0  # captioned data: its captions are replaced
+    index = json.loads((cache / "cache.json").read_text())
+    assert index["captions"] == ["", "a photo of sks circle"] and set(index["caption_ids"]) == {1}
+    assert main(_lora(base, shapes, tmp_path / "run2", 2, "--instance_prompt", " ")) != 0
+    assert "--instance_prompt is empty" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("extra", "fragment"), [
     (["--use_ema"], "drop --use_ema"),
     (["--rank", "0"], "--rank must be > 0"),

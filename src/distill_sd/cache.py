@@ -34,11 +34,13 @@ CACHE_VERSION = 1
 
 def build_cache(pipe: Any, base: str, data: str, out: Path, *, resolution: int, center_crop: bool = False,
                 batch_size: int = 8, image_column: str = "image", caption_column: str = "text",
-                allow_empty_captions: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Encode every readable example of `data`; returns the cache index (also written as cache.json)."""
+                allow_empty_captions: bool = False, instance_prompt: str | None = None,
+                device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Encode every readable example of `data`; returns the cache index (also written as cache.json).
+    `instance_prompt`: every image's caption (its own may then be missing)."""
     source = open_dataset(data, image_column=image_column, caption_column=caption_column,
-                          allow_empty_captions=allow_empty_captions)
-    examples = TrainingExamples(source, image_transform(resolution, center_crop=center_crop))
+                          allow_empty_captions=allow_empty_captions or instance_prompt is not None)
+    examples = TrainingExamples(source, image_transform(resolution, center_crop=center_crop), instance_prompt)
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=collate_skip_none)
     stats = DataStats()
     keys, caption_ids, captions = [], [], {"": 0}

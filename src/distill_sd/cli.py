@@ -157,7 +157,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
     base.pipeline.to(device)
     build_cache(base.pipeline, args.base, args.data, Path(args.out), resolution=resolution,
                 center_crop=args.center_crop, batch_size=args.batch_size, image_column=args.image_column,
-                caption_column=args.caption_column, allow_empty_captions=args.allow_empty_captions, device=device)
+                caption_column=args.caption_column, allow_empty_captions=args.allow_empty_captions,
+                instance_prompt=args.instance_prompt, device=device)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -303,6 +304,8 @@ _TRAIN_HELP = {
     "out": "output folder: checkpoints/, logs/, validation/, and final/ (the trained pipeline)",
     "data": "image folder (.txt captions or metadata.jsonl/.csv), HF dataset name/path, or webdataset .tar shards",
     "cache": "a `distill-sd cache` folder (latents + text embeddings) used instead of --data",
+    "instance_prompt": "every image's caption instead of its own, which may then be missing (DreamBooth's instance "
+                       "prompt, such as 'a photo of sks dog')",
     "teacher": "teacher pipeline: folder, .safetensors or hub id",
     "student": "distill: catalogue name, spec file or a built student folder; finetune, lora: the pipeline to train",
     "base": "pretrain: the pipeline whose tokenizer, text encoder, VAE and scheduler are used",
@@ -424,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image_column", default="image")
     s.add_argument("--caption_column", default="text")
     s.add_argument("--allow_empty_captions", "--allow-empty-captions", action="store_true")
+    s.add_argument("--instance_prompt", help=_TRAIN_HELP["instance_prompt"])
     s.add_argument("--allow-pickle", action="store_true")
     s.set_defaults(fn=cmd_cache)
 

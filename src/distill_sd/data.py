@@ -512,30 +512,33 @@ def _transform(image: Image.Image, *, resolution: int, center_crop: bool, random
 
 
 def TrainingExamples(
-    captioned: CaptionedImages, transform: Callable[[Image.Image], torch.Tensor]
+    captioned: CaptionedImages, transform: Callable[[Image.Image], torch.Tensor], caption: str | None = None
 ) -> MapTrainingExamples | StreamingTrainingExamples:
     """DataLoader adapter yielding `{"key", "pixel_values", "caption"}` dicts: map-style for a map-style
-    source, an IterableDataset for a streaming one.
+    source, an IterableDataset for a streaming one. `caption`: every example's caption instead of its own
+    (DreamBooth's instance prompt, such as "a photo of sks dog").
 
     A factory rather than one class because the two DataLoader protocols need different base classes.
     An unreadable image gives `pixel_values` None rather than an exception; use
     `collate_fn=collate_skip_none` to drop those and report them.
     """
     if captioned.streaming:
-        return StreamingTrainingExamples(captioned, transform)
-    return MapTrainingExamples(captioned, transform)
+        return StreamingTrainingExamples(captioned, transform, caption)
+    return MapTrainingExamples(captioned, transform, caption)
 
 
 class _Examples:
     """What both adapters share: a source, a transform, and the record -> example conversion."""
 
-    def __init__(self, captioned: CaptionedImages, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, captioned: CaptionedImages, transform: Callable[[Image.Image], torch.Tensor],
+                 caption: str | None = None) -> None:
         self.captioned = captioned
         self.transform = transform
+        self.caption = caption
 
     def example(self, key: str, image: Image.Image | None, caption: str) -> dict[str, Any]:
         pixel_values = None if image is None else self.transform(image)
-        return {"key": key, "pixel_values": pixel_values, "caption": caption}
+        return {"key": key, "pixel_values": pixel_values, "caption": caption if self.caption is None else self.caption}
 
 
 class MapTrainingExamples(_Examples, Dataset):
@@ -560,10 +563,11 @@ class StreamingTrainingExamples(_Examples, IterableDataset):
 
     captioned: WebDatasetShards
 
-    def __init__(self, captioned: WebDatasetShards, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, captioned: WebDatasetShards, transform: Callable[[Image.Image], torch.Tensor],
+                 caption: str | None = None) -> None:
         import webdataset as wds
 
-        super().__init__(captioned, transform)
+        super().__init__(captioned, transform, caption)
         _, world_size, _, _ = wds.utils.pytorch_worker_info()
         if world_size > len(captioned.shards):
             raise UserError(

@@ -74,6 +74,7 @@ class TrainConfig:
     image_column: str = "image"
     caption_column: str = "text"
     allow_empty_captions: bool = False
+    instance_prompt: str | None = None  # every image's caption instead of its own (DreamBooth's instance prompt)
     resolution: int | None = None  # default: the model's own (sample_size x VAE scale)
     center_crop: bool = False
     random_flip: bool = False
@@ -168,6 +169,11 @@ class TrainConfig:
             raise UserError("--loss_ground must be >= 0")
         if self.loss_ground and self.cache is None:
             raise UserError("--loss_ground needs --cache: a cache with object masks (grounding.safetensors)")
+        if self.cache and self.instance_prompt is not None:
+            raise UserError("--instance_prompt applies to images (--data); a cache holds its captions already: give "
+                            "it to `distill-sd cache --instance_prompt` instead")
+        if self.instance_prompt is not None and not self.instance_prompt.strip():
+            raise UserError("--instance_prompt is empty; give the caption every image gets, such as 'a photo of sks dog'")
         if self.cache and self.random_flip:
             raise UserError("--random_flip needs images, not a cache: cached latents are fixed; drop one of them")
         if self.mode == "lora":
@@ -515,8 +521,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         from distill_sd.data import TrainingExamples, collate_skip_none, image_transform, open_dataset
 
         source = open_dataset(cfg.data, image_column=cfg.image_column, caption_column=cfg.caption_column,
-                              allow_empty_captions=cfg.allow_empty_captions)
-        dataset = TrainingExamples(source, image_transform(resolution, cfg.center_crop, cfg.random_flip))
+                              allow_empty_captions=cfg.allow_empty_captions or cfg.instance_prompt is not None)
+        dataset = TrainingExamples(source, image_transform(resolution, cfg.center_crop, cfg.random_flip),
+                                   cfg.instance_prompt)
         collate, streaming = collate_skip_none, source.streaming
         data_stats = source.stats
     if streaming:  # shards are already split per process and worker (data.StreamingTrainingExamples)
