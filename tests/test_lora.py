@@ -174,10 +174,35 @@ def test_instance_prompt_captions_a_folder_of_bare_images(narrow_dirs, shapes, t
     assert "--instance_prompt is empty" in capsys.readouterr().err
 
 
+def test_dreambooth_prior_preservation_draws_class_images_once_and_learns_both(narrow_dirs, shapes, tmp_path):
+    base = narrow_dirs["sd15"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in sorted(shapes.glob("*.png"))[:4]:
+        shutil.copy(f, bare / f.name)
+    classes = tmp_path / "classes"
+    dreambooth = ["--instance_prompt", "a photo of sks circle", "--class_prompt", "a photo of a circle",
+                  "--num_class_images", "6", "--class_data_dir", str(classes), "--validation_inference_steps", "2"]
+    run = tmp_path / "run"
+    assert main(_lora(base, bare, run, 3, *dreambooth)) == 0
+    drawn = sorted(classes.glob("class-*.png"))
+    assert len(drawn) == 6 and all((classes / f"{f.stem}.txt").read_text() == "a photo of a circle" for f in drawn)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert all(h["prior"] > 0 for h in history)  # the class half is in every batch
+    assert "prior preservation: 6 images" in (run / "final" / "README.md").read_text()
+    # a second run reuses the class images (one is removed: only that one is drawn again, the same)
+    before = {f.name: f.read_bytes() for f in drawn}
+    (classes / "class-00003.txt").unlink()
+    (classes / "class-00003.png").unlink()
+    assert main(["finetune", *_lora(base, bare, tmp_path / "run2", 1, *dreambooth)[1:]]) == 0
+    assert {f.name: f.read_bytes() for f in sorted(classes.glob("class-*.png"))} == before
+
+
 @pytest.mark.parametrize(("extra", "fragment"), [
     (["--use_ema"], "drop --use_ema"),
     (["--rank", "0"], "--rank must be > 0"),
     (["--lora_alpha", "-1"], "--lora_alpha must be > 0"),
+    (["--class_prompt", "a photo of a circle"], "needs --instance_prompt"),
 ])
 def test_bad_lora_options_are_one_clear_line(narrow_dirs, shapes, tmp_path, capsys, extra, fragment):
     code = main(_lora(narrow_dirs["sd15"], shapes, tmp_path / "run", 2) + extra)

@@ -322,6 +322,11 @@ _TRAIN_HELP = {
     "teacher_dtype": "fp32 | fp16 | bf16: the frozen teacher's weights (default: the --mixed_precision dtype); "
                      "bf16 with --mixed_precision no is fastest on CPUs with AMX",
     "proportion_empty_prompts": "fraction of captions replaced by the empty prompt (for classifier-free guidance)",
+    "class_prompt": "DreamBooth prior preservation (with --instance_prompt): the class, such as 'a photo of a dog'; "
+                    "the model draws --num_class_images of it before training and learns them beside the instances",
+    "class_data_dir": "where the class images are kept and reused (default: OUT/class_images)",
+    "num_class_images": "class images for prior preservation (drawn once; ones already there are kept)",
+    "prior_loss_weight": "weight of the class examples' loss against the instance examples'",
     "rank": "lora: rank of the adapters on the U-Net's attention projections",
     "lora_alpha": "lora: adapters are scaled by lora_alpha / rank (default: the rank)",
 }

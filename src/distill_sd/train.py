@@ -75,6 +75,10 @@ class TrainConfig:
     caption_column: str = "text"
     allow_empty_captions: bool = False
     instance_prompt: str | None = None  # every image's caption instead of its own (DreamBooth's instance prompt)
+    class_prompt: str | None = None  # DreamBooth prior preservation: images of the class, drawn by the model itself
+    class_data_dir: str | None = None  # where they are kept (default OUT/class_images); made once, reused
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
     resolution: int | None = None  # default: the model's own (sample_size x VAE scale)
     center_crop: bool = False
     random_flip: bool = False
@@ -174,6 +178,11 @@ class TrainConfig:
                             "it to `distill-sd cache --instance_prompt` instead")
         if self.instance_prompt is not None and not self.instance_prompt.strip():
             raise UserError("--instance_prompt is empty; give the caption every image gets, such as 'a photo of sks dog'")
+        if self.class_prompt is not None:
+            if self.instance_prompt is None or self.cache is not None:
+                raise UserError("--class_prompt (prior preservation) needs --instance_prompt and images (--data)")
+            if self.num_class_images < 1 or self.prior_loss_weight < 0:
+                raise UserError("--num_class_images must be >= 1 and --prior_loss_weight >= 0")
         if self.cache and self.random_flip:
             raise UserError("--random_flip needs images, not a cache: cached latents are fixed; drop one of them")
         if self.mode == "lora":
@@ -337,6 +346,59 @@ def checkpoint_only_adapters(accelerator: Any) -> None:
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
+
+
+# ------------------------------------------------------------------------------------------ DreamBooth
+
+class PriorPairs(Dataset):
+    """DreamBooth's pairing: item i is (instance i mod I, class i mod C), over max(I, C) items."""
+
+    def __init__(self, instances: Dataset, classes: Dataset) -> None:
+        self.instances, self.classes = instances, classes
+
+    def __len__(self) -> int:
+        return max(len(self.instances), len(self.classes))
+
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        return [self.instances[index % len(self.instances)],
+                {**self.classes[index % len(self.classes)], "prior": True}]
+
+
+def collate_prior_pairs(pairs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Instance and class examples in one batch, with `prior` marking the class ones."""
+    from distill_sd.data import collate_skip_none
+
+    items = [item for pair in pairs for item in pair]
+    batch = collate_skip_none(items)
+    batch["prior"] = torch.tensor([bool(item.get("prior")) for item in items if item["pixel_values"] is not None])
+    return batch
+
+
+@torch.no_grad()
+def make_class_images(cfg: TrainConfig, models: Models, accelerator: Any, out: Path) -> Path:
+    """The class images of prior preservation, drawn once by the model being trained (before any step; the main
+    process draws, the others wait) with `--class_prompt`, image i from seed + i, each with its caption file.
+    Images already there are kept, so a resumed run or a second run sharing --class_data_dir draws only what is
+    missing."""
+    from tqdm.auto import tqdm
+
+    from distill_sd.generate import GenerationParams, generate
+
+    folder = Path(cfg.class_data_dir) if cfg.class_data_dir else out / "class_images"
+    missing = [i for i in range(cfg.num_class_images) if not (folder / f"class-{i:05d}.txt").is_file()]
+    if missing and accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        pipe = validation_pipeline(models, models.student, accelerator.device)
+        size = models.student.config.sample_size * _vae_scale(pipe)
+        for i in tqdm(missing, desc="class images (prior preservation)", disable=not cfg.progress):
+            params = GenerationParams(cfg.class_prompt, None, cfg.validation_inference_steps, 7.5, cfg.seed + i,
+                                      size, size, "default", str(models.base_source))
+            with accelerator.autocast():  # the frozen encoders may be in the mixed dtype, the U-Net in fp32
+                (image,), _ = generate(pipe, params)
+            image.save(folder / f"class-{i:05d}.png")
+            (folder / f"class-{i:05d}.txt").write_text(cfg.class_prompt)  # last: marks the image complete
+    accelerator.wait_for_everyone()
+    return folder
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -522,10 +584,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
 
         source = open_dataset(cfg.data, image_column=cfg.image_column, caption_column=cfg.caption_column,
                               allow_empty_captions=cfg.allow_empty_captions or cfg.instance_prompt is not None)
-        dataset = TrainingExamples(source, image_transform(resolution, cfg.center_crop, cfg.random_flip),
-                                   cfg.instance_prompt)
+        transform = image_transform(resolution, cfg.center_crop, cfg.random_flip)
+        dataset = TrainingExamples(source, transform, cfg.instance_prompt)
         collate, streaming = collate_skip_none, source.streaming
         data_stats = source.stats
+        if cfg.class_prompt is not None:  # DreamBooth: every instance example comes with a class example
+            if streaming:
+                raise UserError("--class_prompt needs a folder or dataset of instance images, not streamed shards")
+            class_dir = make_class_images(cfg, models, accelerator, out)
+            classes = TrainingExamples(open_dataset(str(class_dir)), transform)
+            dataset, collate = PriorPairs(dataset, classes), collate_prior_pairs
     if streaming:  # shards are already split per process and worker (data.StreamingTrainingExamples)
         loader = DataLoader(dataset, batch_size=cfg.train_batch_size, collate_fn=collate,
                             num_workers=cfg.dataloader_num_workers)
@@ -633,7 +701,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             snr = compute_snr(noise_scheduler, timesteps)
             snr_w = torch.stack([snr, cfg.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
             snr_w = snr_w / snr if prediction_type == "epsilon" else snr_w / (snr + 1)
+        prior = batch.get("prior")
+        if prior is not None:  # DreamBooth: the class half of the batch, weighted by --prior_loss_weight
+            prior = prior.to(device)
+            prior_w = 1.0 + (cfg.prior_loss_weight - 1.0) * prior.float()
+            snr_w = prior_w if snr_w is None else snr_w * prior_w
         terms = distillation_loss(pred, target, weights, teacher_pred, s_feats, t_feats, snr_w)
+        if prior is not None and prior.any():  # shown apart: the prior term is what keeps the class from drifting
+            terms["prior"] = torch.nn.functional.mse_loss(pred[prior].float().detach(), target[prior].float())
         if attention_maps is not None:  # a dropped (empty) caption names no object: nothing to ground
             tokens = batch["ground_tokens"].to(device)
             if dropped is not None:
@@ -803,6 +878,11 @@ def _save_final(cfg: TrainConfig, models: Models, unet: torch.nn.Module, final_d
                 "final losses": ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("lr", "sec"))}
     if data_stats is not None:
         training["data read"] = data_stats.summary()
+    if cfg.instance_prompt is not None:
+        training["instance prompt"] = cfg.instance_prompt
+    if cfg.class_prompt is not None:
+        training["prior preservation"] = (f"{cfg.num_class_images} images of '{cfg.class_prompt}' drawn by the base "
+                                          f"model, loss weight {cfg.prior_loss_weight:g}")
     unet = unet.to("cpu", dtype=torch.float32)
     if cfg.mode == "lora":
         training["adapters"] = f"LoRA rank {cfg.rank}, alpha {cfg.lora_alpha:g}, on {', '.join(LORA_TARGETS)}"
