@@ -69,10 +69,8 @@ def subject_images(folder: Path, n: int) -> Path:
     return folder
 
 
-def drawn(model: Path, lora: Path | None, prompt: str, n: int) -> collections.Counter:
-    """(colour, shape) of the largest object in each of n images of `prompt` (None: nothing detected)."""
-    pipe = load_pipeline(str(model), device="cpu", dtype="fp32", scheduler=EVAL_SCHEDULER, lora=lora)
-    pipe.set_progress_bar_config(disable=True)
+def drawn(pipe: Any, prompt: str, n: int) -> collections.Counter:
+    """(colour, shape) of the largest object in each of n images of `prompt` ("nothing": none detected)."""
     found: collections.Counter = collections.Counter()
     for start in range(0, n, 16):
         seeds = range(SAMPLE_SEED + start, SAMPLE_SEED + min(n, start + 16))
@@ -111,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     subject = f"{SUBJECT[1]} {SUBJECT[0]}"
     rows = []
     for name, lora in runs.items():
-        learned, kept = (drawn(teacher, lora, p, args.samples) for p in (INSTANCE_PROMPT, CLASS_PROMPT))
+        pipe = load_pipeline(str(teacher), device="cpu", dtype="fp32", scheduler=EVAL_SCHEDULER, lora=lora)
+        pipe.set_progress_bar_config(disable=True)
+        learned, kept = (drawn(pipe, p, args.samples) for p in (INSTANCE_PROMPT, CLASS_PROMPT))
         rows.append({"run": name, "train_s": train_s.get(name), "instance_prompt": dict(learned),
                      "class_prompt": dict(kept), "subject_share": learned[subject] / args.samples,
                      "drift_share": kept[subject] / args.samples})

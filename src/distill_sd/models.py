@@ -220,8 +220,13 @@ def save_pipeline(pipe: DiffusionPipeline, out: Path, *, unet: UNet2DConditionMo
         if card is not None:
             (tmp / "README.md").write_text(card)
         if metadata is not None:
-            _write_json(tmp / METADATA_FILE, metadata)
+            write_metadata(tmp, metadata)
     return out
+
+
+def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """What distill-sd records about a model it wrote (distill_sd.json in its folder); `read_metadata` reads it."""
+    _write_json(path / METADATA_FILE, metadata)
 
 
 def read_metadata(path: Path) -> dict[str, Any] | None:

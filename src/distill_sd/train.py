@@ -412,6 +412,10 @@ class Models:
     kd_pairs: list[tuple[str, str]] = field(default_factory=list)
     student_name: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    pipeline_class: type = field(init=False)  # the base's, kept when the base itself is released
+
+    def __post_init__(self) -> None:
+        self.pipeline_class = type(self.base)
 
     def release_base(self) -> None:
         """Free the VAE and text encoders (training from a cache never runs them); `pipeline()` reloads."""
@@ -423,7 +427,7 @@ class Models:
             from distill_sd.models import load_teacher
 
             self.base = load_teacher(self.base_source).pipeline
-        return type(self.base)(**{**self.base.components, "unet": unet})
+        return self.pipeline_class(**{**self.base.components, "unet": unet})
 
 
 def load_models(cfg: TrainConfig) -> Models:
@@ -909,10 +913,10 @@ def _save_lora(models: Models, unet: torch.nn.Module, final_dir: Path, training:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from distill_sd.models import METADATA_FILE, new_output_dir
+    from distill_sd.models import new_output_dir, write_metadata
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    pipeline_class = type(models.pipeline(unet))  # StableDiffusionPipeline, StableDiffusionXLPipeline, ...
+    pipeline_class = models.pipeline_class  # StableDiffusionPipeline, StableDiffusionXLPipeline, ...
     base = models.base_source
     card = (f"# LoRA for `{base}`\n\nTrained by distill-sd {_version()}. Use it with the model it was trained on:\n\n"
             f"```python\nfrom diffusers import {pipeline_class.__name__}\n\n"
@@ -926,8 +930,7 @@ def _save_lora(models: Models, unet: torch.nn.Module, final_dir: Path, training:
         pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True,
                                          unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
         (tmp / "README.md").write_text(card)
-        (tmp / METADATA_FILE).write_text(json.dumps({"distill_sd_version": _version(), "base": base, "lora": True,
-                                                     "training": training}, indent=2))
+        write_metadata(tmp, {"distill_sd_version": _version(), "base": base, "lora": True, "training": training})
     print(f"saved {final_dir}  ({training['final losses']})")
 
 
