@@ -150,6 +150,9 @@ def test_corrupt_image_is_skipped_counted_and_reported(narrow_dirs, broken_data,
     ("corrupt", ["--learning_rate", "-1"], "--learning_rate must be > 0"),
     ("corrupt", ["--recipe", "magic"], "unknown --recipe"),
     ("corrupt", ["--mixed_precision", "fp8"], "fp16 or bf16"),
+    ("corrupt", ["--timestep_bias_strategy", "middle"], "--timestep_bias_strategy must be one of"),
+    ("corrupt", ["--timestep_bias_strategy", "range", "--timestep_bias_begin", "1000", "--timestep_bias_end", "1200",
+                 "--timestep_bias_multiplier", "2"], "past the scheduler's 1000 timesteps"),
 ])
 def test_bad_training_input_is_one_clear_line(narrow_dirs, broken_data, tmp_path, capsys, case, extra, fragment):
     code = main(_args(narrow_dirs["sd15"], broken_data[case], tmp_path / "run", 2) + extra)
@@ -231,3 +234,43 @@ def test_students_sharing_one_teacher_train_exactly_as_alone(narrow_dirs, shapes
         torch.set_num_threads(threads)
     got = {name: fingerprint(_unet(final.parent)) for name, final in shared.items()}
     assert got == {"a": alone[0], "b": alone[0], "c": alone[1]} and alone[0] != alone[1]
+
+
+def test_timestep_bias_weights_follow_diffusers_rule():
+    """later / earlier / range weight their part `multiplier` times the rest; none or x1 keeps the uniform draw."""
+    from distill_sd.train import TrainConfig, timestep_weights
+
+    def weights(**kw):
+        return timestep_weights(TrainConfig(mode="distill", out="o", teacher="t", student="s", cache="c", **kw), 1000)
+
+    assert weights() is None and weights(timestep_bias_strategy="later", timestep_bias_multiplier=1.0) is None
+    later = weights(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
+    assert abs(float(later.sum()) - 1) < 1e-9
+    assert (later[750:] == 3 * later[0]).all() and (later[:750] == later[0]).all()
+    earlier = weights(timestep_bias_strategy="earlier", timestep_bias_multiplier=0.0, timestep_bias_portion=0.5)
+    assert (earlier[:500] == 0).all() and (earlier[500:] > 0).all()
+    ranged = weights(timestep_bias_strategy="range", timestep_bias_multiplier=2.0, timestep_bias_begin=100,
+                     timestep_bias_end=300)
+    assert (ranged[100:300] == 2 * ranged[0]).all() and (ranged[300:] == ranged[0]).all()
+    with pytest.raises(UserError, match="no timestep"):
+        weights(timestep_bias_strategy="range", timestep_bias_multiplier=0.0, timestep_bias_end=1000)
+
+
+def test_timestep_bias_draws_only_the_chosen_timesteps(narrow_dirs, shapes, tmp_path, monkeypatch):
+    """A run with the low half of the timesteps weighted 0 trains on the high half only (every draw is seen)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    drawn = []
+    add_noise = DDPMScheduler.add_noise
+
+    def record(self, latents, noise, timesteps):
+        drawn.append(timesteps.clone())
+        return add_noise(self, latents, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", record)
+    assert main(_args(narrow_dirs["sd15"], shapes, tmp_path / "run", 6, "--timestep_bias_strategy", "earlier",
+                      "--timestep_bias_portion", "0.5", "--timestep_bias_multiplier", "0")) == 0
+    timesteps = torch.cat(drawn)
+    assert len(timesteps) == 6 * 4 and int(timesteps.min()) >= 500
+    assert len(set(timesteps.tolist())) > 12  # still a random draw over the allowed half

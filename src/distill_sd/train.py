@@ -52,6 +52,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "balanced": {"loss_task": 1.0, "loss_out": 1.0, "loss_feat": 1.0, "feature_norm": "teacher_var",
                  "learning_rate": 5e-5, "lr_scheduler": "constant"},
 }
+TIMESTEP_BIAS = ("none", "earlier", "later", "range")
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "train_state.json"  # written last: a checkpoint without it is incomplete and never resumed
 LORA_CHECKPOINT_FILE = "lora_adapters.safetensors"  # a LoRA run's checkpoints hold only its adapters
@@ -116,6 +117,13 @@ class TrainConfig:
     loss_ground: float = 0.0  # grounding (TokenCompose's token loss): needs a cache with grounding.safetensors
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    # Timestep bias, as diffusers' SDXL training scripts: timesteps are drawn with the chosen part weighted
+    # `timestep_bias_multiplier` times the rest ("later" = the noisiest end, where sampling lays out the image).
+    timestep_bias_strategy: str = "none"  # none | earlier | later | range
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25  # earlier / later: the fraction of the timesteps biased
+    timestep_bias_begin: int = 0  # range: the biased timesteps [begin, end)
+    timestep_bias_end: int = 1000
     proportion_empty_prompts: float = 0.0
     teacher_dtype: str | None = None
     rank: int = 4  # lora: adapter rank
@@ -163,6 +171,15 @@ class TrainConfig:
             raise UserError("--ema_decay must be in (0, 1)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError("--snr_gamma must be > 0")
+        if self.timestep_bias_strategy not in TIMESTEP_BIAS:
+            raise UserError(f"--timestep_bias_strategy must be one of {', '.join(TIMESTEP_BIAS)}, "
+                            f"got {self.timestep_bias_strategy!r}")
+        if self.timestep_bias_multiplier < 0:
+            raise UserError("--timestep_bias_multiplier must be >= 0 (0 leaves the biased timesteps out)")
+        if not 0 < self.timestep_bias_portion <= 1:
+            raise UserError("--timestep_bias_portion must be in (0, 1]")
+        if not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+            raise UserError("--timestep_bias_begin must be >= 0 and below --timestep_bias_end")
         if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
             raise UserError(f"--teacher_dtype must be fp32, fp16 or bf16, got {self.teacher_dtype}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
@@ -676,6 +693,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         latents = sample_latents(mean, std, scaling_factor, g)
         return latents, cond, drop
 
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    timestep_probs = timestep_weights(cfg, num_timesteps)
+    if timestep_probs is not None:  # on the step generator's device
+        timestep_probs = timestep_probs.to(device)
+
     def step_loss(batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
         g = torch.Generator(device=device).manual_seed(_mix(cfg.seed, global_step, micro, accelerator.process_index))
         latents, cond, dropped = conditioning(batch, g)
@@ -683,8 +705,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         if cfg.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
             noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=device)
         bsz = latents.shape[0]
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g,
-                                  device=device).long()
+        if timestep_probs is None:
+            timesteps = torch.randint(0, num_timesteps, (bsz,), generator=g, device=device).long()
+        else:
+            timesteps = torch.multinomial(timestep_probs, bsz, replacement=True, generator=g)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         kwargs = cond.unet_kwargs(resolution)
@@ -800,6 +824,28 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         teacher_forward.remove()
     accelerator.end_training()
     return final_dir
+
+
+def timestep_weights(cfg: TrainConfig, num_timesteps: int) -> torch.Tensor | None:
+    """Relative weights of the training timesteps under --timestep_bias_strategy (None: uniform, drawn as before).
+
+    Same rule as diffusers' `generate_timestep_weights`: the chosen timesteps weigh `timestep_bias_multiplier`,
+    the others 1. A bias that leaves no timestep to draw is refused here rather than failing at the first step.
+    """
+    if cfg.timestep_bias_strategy == "none" or cfg.timestep_bias_multiplier == 1.0:
+        return None
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    biased = max(1, int(cfg.timestep_bias_portion * num_timesteps))
+    chosen = {"earlier": slice(0, biased), "later": slice(num_timesteps - biased, num_timesteps),
+              "range": slice(cfg.timestep_bias_begin, min(cfg.timestep_bias_end, num_timesteps))}
+    part = chosen[cfg.timestep_bias_strategy]
+    if part.start >= num_timesteps:
+        raise UserError(f"--timestep_bias_begin {cfg.timestep_bias_begin} is past the scheduler's "
+                        f"{num_timesteps} timesteps")
+    weights[part] *= cfg.timestep_bias_multiplier
+    if weights.sum() == 0:
+        raise UserError("--timestep_bias_multiplier 0 with this bias leaves no timestep to train on")
+    return weights / weights.sum()
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
