@@ -122,7 +122,7 @@ def test_evaluate_scores_pipelines_against_the_first(capsys, narrow_dirs, tmp_pa
         code, _, err = _cli(capsys, "evaluate", teacher, "--prompts", "2", *flags)
         assert code != 0 and fragment in err and "Traceback" not in err
     code, _, err = _cli(capsys, "evaluate", str(tmp_path))
-    assert code != 0 and "not a pipeline folder" in err and "Traceback" not in err
+    assert code != 0 and "neither a pipeline folder" in err and "Traceback" not in err
 
 
 def test_evaluate_model_draws_with_the_sampler_settings_it_is_given(narrow_dirs):

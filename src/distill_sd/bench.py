@@ -4,6 +4,8 @@ Models are measured interleaved (round-robin: run 1 of every model, then run 2 o
 noisy neighbour slows all of them alike, and every figure is a median. A model is a pipeline folder, or
 `ref:ARCH` / `ref:ARCH:STUDENT` for a random-weight reference pipeline (and a student built from it) made in
 memory — full-size timing with no weights on disk. Random weights give noise images but exact timings.
+An exported folder (`distill-sd export`, ONNX Runtime or OpenVINO, fp32 or int8) is measured the same way, in the
+precision it was exported in, so PyTorch and its exports compare side by side.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ def load_for_bench(model: str, dtype: str, narrow: bool = False, shared: dict | 
     students are built from its U-Net and reuse its text encoder and VAE (full-size SD-1.5 students in fp32 and
     bf16 then fit in memory side by side).
     """
+    from distill_sd.export import ExportedPipeline, is_export_dir
     from distill_sd.generate import DTYPES, load_pipeline, optimize, set_scheduler
 
+    if is_export_dir(model):
+        return ExportedPipeline.load(model, scheduler="dpm++")
     if dtype not in DTYPES:
         raise UserError(f"--dtype entries must be among {', '.join(DTYPES)}, got {dtype}")
     if not model.startswith("ref:"):
@@ -98,14 +103,31 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
+def unet_config(pipe: Any) -> tuple[Any, int]:
+    """(U-Net config, VAE scale factor) of a PyTorch pipeline or an exported one."""
+    from distill_sd.export import ExportedPipeline
+
+    if isinstance(pipe, ExportedPipeline):
+        return pipe.unet_config, int(pipe.meta["vae_scale_factor"])
+    return pipe.unet.config, pipe.vae_scale_factor
+
+
 def unet_step_seconds(pipe: Any, resolution: int, batch: int, cfg: bool = True) -> float:
     """One U-Net call as the sampler makes it: batch x 2 with classifier-free guidance."""
+    from distill_sd.export import ExportedPipeline
     from distill_sd.measure import dummy_unet_inputs
 
-    config = pipe.unet.config
-    side = resolution // pipe.vae_scale_factor
+    config, scale = unet_config(pipe)
+    side = resolution // scale
+    exported = isinstance(pipe, ExportedPipeline)
     inputs = dummy_unet_inputs(config, batch=batch * (2 if cfg else 1), latent_hw=(side, side),
-                               dtype=pipe.unet.dtype, generator=torch.Generator().manual_seed(0))
+                               dtype=torch.float32 if exported else pipe.unet.dtype,
+                               generator=torch.Generator().manual_seed(0))
+    if exported:
+        sample, embeds = inputs["sample"].numpy(), inputs["encoder_hidden_states"].numpy()
+        start = time.perf_counter()
+        pipe.predict_noise(sample, 500, embeds)
+        return time.perf_counter() - start
     inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         start = time.perf_counter()
@@ -118,7 +140,7 @@ def image_seconds(pipe: Any, resolution: int, steps: int, batch: int) -> float:
     with torch.inference_mode():
         start = time.perf_counter()
         pipe("a photograph of an astronaut riding a horse", num_inference_steps=steps, guidance_scale=7.5,
-             height=resolution, width=resolution, num_images_per_prompt=batch, output_type="pil",
+             height=resolution, width=resolution, num_images_per_prompt=batch,
              generator=torch.Generator().manual_seed(0))
         return time.perf_counter() - start
 
@@ -128,15 +150,24 @@ def run_bench(models: list[str], dtypes: list[str], *, resolution: int, steps: i
               compile: bool = False) -> list[Variant]:
     from tqdm.auto import tqdm
 
+    from distill_sd.export import is_export_dir, read_export_metadata
     from distill_sd.measure import count_macs, count_params, meta_unet
 
-    variants = [Variant(m, d) for m in models for d in dtypes]
+    variants = []
+    for m in models:  # an export runs in the precision it was exported in: one variant, whatever --dtype says
+        if is_export_dir(m):
+            meta = read_export_metadata(m)
+            variants.append(Variant(m, f"{meta['format']} {meta.get('dtype', 'fp32')}"))
+        else:
+            variants += [Variant(m, d) for d in dtypes]
     shared: dict = {}
     for v in tqdm(variants, desc="loading", disable=not progress):
         v.pipe = load_for_bench(v.model, v.dtype, narrow, shared, compile)
         v.pipe.set_progress_bar_config(disable=True)
-        v.unet_params = count_params(v.pipe.unet)
-        v.unet_macs = count_macs(meta_unet(v.pipe.unet.config), resolution, v.pipe.vae_scale_factor)
+        config, scale = unet_config(v.pipe)
+        unet = meta_unet(config)
+        v.unet_params = count_params(unet)
+        v.unet_macs = count_macs(unet, resolution, scale)
         unet_step_seconds(v.pipe, resolution, batch)  # warm-up: first calls allocate and pick kernels
         if whole_image:
             image_seconds(v.pipe, resolution, 1, batch)

@@ -225,6 +225,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from distill_sd.demo import eval_scenes, evaluate_model
+    from distill_sd.export import is_export_dir
     from distill_sd.report import markdown_table
     from distill_sd.shapes import CHECKS
     from distill_sd.shapes.scorer import count_key
@@ -237,8 +238,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.guidance < 1:
         raise UserError("--guidance must be >= 1 (1 turns classifier-free guidance off)")
     for m in args.model:
-        if not (Path(m) / "model_index.json").is_file():
-            raise UserError(f"'{m}' is not a pipeline folder (no model_index.json)")
+        if not (Path(m) / "model_index.json").is_file() and not is_export_dir(m):
+            raise UserError(f"'{m}' is neither a pipeline folder (no model_index.json) nor an exported model "
+                            "(`distill-sd export`)")
     scenes = eval_scenes(args.prompts, args.split, args.seed)
     results = []
     with tqdm(total=len(scenes) * len(args.model), desc="evaluating on held-out compositions", unit="image") as bar:
@@ -284,8 +286,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from distill_sd.export import compare_outputs, comparison_lines, export_pipeline
 
-    out = export_pipeline(args.model, Path(args.out), fmt=args.format, opset=args.opset)
-    print(f"exported {args.model} -> {out} ({args.format})")
+    prompts = None
+    if args.calibration_prompts:
+        path = Path(args.calibration_prompts)
+        if not path.is_file():
+            raise UserError(f"--calibration-prompts '{path}' not found (a text file, one prompt per line)")
+        prompts = path.read_text().splitlines()
+    out = export_pipeline(args.model, Path(args.out), fmt=args.format, opset=args.opset, dtype=args.dtype,
+                          calibration_prompts=prompts, calibration_steps=args.calibration_steps,
+                          calibration_size=args.calibration_size)
+    print(f"exported {args.model} -> {out} ({args.format}, {args.dtype})")
     if not args.no_check:
         for line in comparison_lines(compare_outputs(args.model, out, prompt="a red circle", steps=2,
                                                       height=args.check_size, width=args.check_size)):
@@ -486,6 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
     s.add_argument("--out", required=True)
     s.add_argument("--opset", type=int, default=17)
+    s.add_argument("--dtype", choices=["fp32", "int8"], default="fp32",
+                   help="int8: quantize the U-Net's convolutions (static, calibrated on the model's own sampling)")
+    s.add_argument("--calibration-prompts", help="int8: a text file of prompts, one per line, like the ones the "
+                   "model will serve (default: 8 built-in generic prompts)")
+    s.add_argument("--calibration-steps", type=int, default=10, help="int8: sampling steps per calibration prompt")
+    s.add_argument("--calibration-size", type=_positive_multiple_of_8, default=None,
+                   help="int8: image side while calibrating (default: the model's own)")
     s.add_argument("--check-size", type=_positive_multiple_of_8, default=64,
                    help="image side for the PyTorch-vs-export check (small keeps it fast)")
     s.add_argument("--no-check", action="store_true")

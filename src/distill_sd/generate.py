@@ -71,9 +71,20 @@ def set_scheduler(pipe: Any, name: str) -> None:
 
 def load_pipeline(model: str, *, device: str = "auto", dtype: str = "auto", scheduler: str | None = "dpm++",
                   lora: str | None = None, compile: bool = False, allow_pickle: bool = False) -> Any:
-    """A ready-to-run pipeline: loaded, LoRA fused, cast, laid out and placed for fast inference."""
+    """A ready-to-run pipeline: loaded, LoRA fused, cast, laid out and placed for fast inference. An exported
+    folder (`distill-sd export`) runs on ONNX Runtime / OpenVINO on the CPU, in the precision it was exported in."""
+    from distill_sd.export import ExportedPipeline, is_export_dir
     from distill_sd.models import load_teacher
 
+    if is_export_dir(model):
+        refused = [flag for flag, ok in (("--device", device in ("auto", "cpu")), ("--dtype", dtype in ("auto", "fp32")),
+                                         ("--lora", lora is None), ("--compile", not compile)) if not ok]
+        if refused:
+            raise UserError(f"'{model}' is an exported model, which runs on the CPU as it was exported: "
+                            f"{', '.join(refused)} cannot change that (export the pipeline again instead)")
+        pipe = ExportedPipeline.load(model, scheduler=scheduler or "dpm++")
+        pipe.set_progress_bar_config(leave=False)
+        return pipe
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     pipe = load_teacher(model, allow_pickle=allow_pickle).pipeline
@@ -139,6 +150,10 @@ class GenerationParams:
 
 
 def default_size(pipe: Any) -> int:
+    from distill_sd.export import ExportedPipeline
+
+    if isinstance(pipe, ExportedPipeline):
+        return pipe.default_size
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
