@@ -103,23 +103,14 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def unet_config(pipe: Any) -> tuple[Any, int]:
-    """(U-Net config, VAE scale factor) of a PyTorch pipeline or an exported one."""
-    from distill_sd.export import ExportedPipeline
-
-    if isinstance(pipe, ExportedPipeline):
-        return pipe.unet_config, int(pipe.meta["vae_scale_factor"])
-    return pipe.unet.config, pipe.vae_scale_factor
-
-
 def unet_step_seconds(pipe: Any, resolution: int, batch: int, cfg: bool = True) -> float:
     """One U-Net call as the sampler makes it: batch x 2 with classifier-free guidance."""
     from distill_sd.export import ExportedPipeline
     from distill_sd.measure import dummy_unet_inputs
 
-    config, scale = unet_config(pipe)
-    side = resolution // scale
     exported = isinstance(pipe, ExportedPipeline)
+    config = pipe.unet_config if exported else pipe.unet.config
+    side = resolution // pipe.vae_scale_factor
     inputs = dummy_unet_inputs(config, batch=batch * (2 if cfg else 1), latent_hw=(side, side),
                                dtype=torch.float32 if exported else pipe.unet.dtype,
                                generator=torch.Generator().manual_seed(0))
@@ -151,7 +142,7 @@ def run_bench(models: list[str], dtypes: list[str], *, resolution: int, steps: i
     from tqdm.auto import tqdm
 
     from distill_sd.export import is_export_dir, read_export_metadata
-    from distill_sd.measure import count_macs, count_params, meta_unet
+    from distill_sd.measure import pipeline_unet_counts
 
     variants = []
     for m in models:  # an export runs in the precision it was exported in: one variant, whatever --dtype says
@@ -164,10 +155,7 @@ def run_bench(models: list[str], dtypes: list[str], *, resolution: int, steps: i
     for v in tqdm(variants, desc="loading", disable=not progress):
         v.pipe = load_for_bench(v.model, v.dtype, narrow, shared, compile)
         v.pipe.set_progress_bar_config(disable=True)
-        config, scale = unet_config(v.pipe)
-        unet = meta_unet(config)
-        v.unet_params = count_params(unet)
-        v.unet_macs = count_macs(unet, resolution, scale)
+        v.unet_params, v.unet_macs = pipeline_unet_counts(v.pipe, resolution)
         unet_step_seconds(v.pipe, resolution, batch)  # warm-up: first calls allocate and pick kernels
         if whole_image:
             image_seconds(v.pipe, resolution, 1, batch)

@@ -262,7 +262,7 @@ def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalR
     from distill_sd.evaluate import evaluate
     from distill_sd.export import ExportedPipeline, is_export_dir
     from distill_sd.generate import fuse_lora, set_scheduler
-    from distill_sd.measure import count_macs, count_params, meta_unet
+    from distill_sd.measure import pipeline_unet_counts
     from distill_sd.models import load_teacher
 
     if is_export_dir(path):  # an ONNX / OpenVINO export: its runtime draws the images
@@ -270,19 +270,15 @@ def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalR
             raise UserError(f"'{path}' is an exported model: fuse the LoRA before exporting (--lora applies to "
                             "diffusers pipelines)")
         pipe = ExportedPipeline.load(path, scheduler=scheduler)
-        unet_config, vae_scale_factor = pipe.unet_config, pipe.meta["vae_scale_factor"]
     else:
         pipe = load_teacher(path).pipeline
         if lora is not None:
             fuse_lora(pipe, lora)
         set_scheduler(pipe, scheduler)
-        unet_config, vae_scale_factor = pipe.unet.config, pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=True)
     r = evaluate(name, pipe, scenes, seed=seed, steps=steps, guidance=guidance, reference=reference,
                  progress=progress)
-    unet = meta_unet(unet_config)
-    r.unet_params = count_params(unet)
-    r.unet_macs = count_macs(unet, RESOLUTION, vae_scale_factor)
+    r.unet_params, r.unet_macs = pipeline_unet_counts(pipe, RESOLUTION)
     return r
 
 

@@ -171,6 +171,7 @@ def export_pipeline(model: str, out: Path, fmt: str = "onnx", opset: int = 17, d
     """Export text encoder, U-Net and VAE decoder of an SD-1/SD-2 pipeline (teacher or student) to `out`.
     `dtype="int8"` quantizes the U-Net, calibrated on `calibration_prompts` (default CALIBRATION_PROMPTS) drawn
     with `calibration_steps` DPM++ steps at `calibration_size` pixels (default: the model's size)."""
+    from distill_sd.generate import default_size
     from distill_sd.models import check_new_output_dir, load_teacher, new_output_dir, read_metadata
 
     out = Path(out)
@@ -200,7 +201,7 @@ def export_pipeline(model: str, out: Path, fmt: str = "onnx", opset: int = 17, d
         if dtype == "int8":
             quantization = _quantize_unet(tmp / "unet", calibration)
             quantization.update(prompts=len(prompts), steps=int(calibration_steps),
-                                size=calibration_size or _default_size(pipe))
+                                size=calibration_size or default_size(pipe))
         pipe.unet.save_config(tmp / "unet")  # the U-Net's identity: parameter and MAC counts read it
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
         pipe.scheduler.save_pretrained(tmp / "scheduler")
@@ -223,7 +224,7 @@ def export_pipeline(model: str, out: Path, fmt: str = "onnx", opset: int = 17, d
             "unet_num_upsamplers": int(pipe.unet.num_upsamplers),
             "tokenizer_max_length": int(pipe.tokenizer.model_max_length),
             "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
-            "default_size": int(unet_cfg.sample_size) * int(pipe.vae_scale_factor),
+            "default_size": default_size(pipe),
             "student": student.get("student") if student else None,
             "quantization": quantization,
         }
@@ -232,14 +233,10 @@ def export_pipeline(model: str, out: Path, fmt: str = "onnx", opset: int = 17, d
     return out
 
 
-def _default_size(pipe: Any) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-
-
 def _calibration_inputs(pipe: Any, prompts: list[str], steps: int, size: int | None) -> list[dict[str, np.ndarray]]:
     """The U-Net's inputs at every step while the PyTorch pipeline draws `prompts` (guidance 7.5, so each input is
     the conditional and unconditional pair, as at inference), seed i for prompt i: what int8 ranges are set on."""
-    from distill_sd.generate import set_scheduler
+    from distill_sd.generate import default_size, set_scheduler
 
     seen: list[dict[str, np.ndarray]] = []
 
@@ -252,7 +249,7 @@ def _calibration_inputs(pipe: Any, prompts: list[str], steps: int, size: int | N
 
     set_scheduler(pipe, "dpm++")
     pipe.set_progress_bar_config(disable=True)
-    size = int(size or _default_size(pipe))
+    size = int(size or default_size(pipe))
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -474,6 +471,10 @@ class ExportedPipeline:
         return int(self.meta["default_size"])
 
     @property
+    def vae_scale_factor(self) -> int:
+        return int(self.meta["vae_scale_factor"])
+
+    @property
     def unet_config(self) -> dict[str, Any]:
         """The exported U-Net's diffusers config (its identity: parameter and MAC counts are computed from it)."""
         from diffusers import UNet2DConditionModel
@@ -533,7 +534,7 @@ class ExportedPipeline:
 
         sched = self.scheduler
         sched.set_timesteps(num_inference_steps, device="cpu")
-        vsf = int(self.meta["vae_scale_factor"])
+        vsf = self.vae_scale_factor
         shape = (len(prompts), int(self.meta["unet_in_channels"]), height // vsf, width // vsf)
         if isinstance(generator, list):  # as diffusers' randn_tensor: image i from generator i
             latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])

@@ -144,3 +144,12 @@ def block_layout(model: UNet2DConditionModel) -> list[dict[str, Any]]:
             "params": count_params(block),
         })
     return rows
+
+
+def pipeline_unet_counts(pipe: Any, resolution: int) -> tuple[int, int]:
+    """(parameters, MACs at `resolution` px) of the U-Net of a diffusers pipeline or of an exported one
+    (`distill-sd export`), from its config on the meta device: the same figures for a model and its exports."""
+    from distill_sd.export import ExportedPipeline
+
+    unet = meta_unet(pipe.unet_config if isinstance(pipe, ExportedPipeline) else pipe.unet.config)
+    return count_params(unet), count_macs(unet, resolution, pipe.vae_scale_factor)
