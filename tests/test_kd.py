@@ -60,3 +60,26 @@ def test_taps_capture_through_a_wrapper_and_keep_the_graph():
         taps.take()
     with pytest.raises(UserError, match="not found"):
         FeatureTaps(inner, ["module.0"])
+
+
+def test_attention_map_taps_record_probabilities_without_changing_the_output(narrow_dirs):
+    """`name:probs` taps an attention layer's probabilities (rows sum to 1, in the graph); the U-Net computes the
+    same output as with its fused kernel, and remove() gives the layer its processor back."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(narrow_dirs["sd15"] / "unet")
+    layer = next(n for n, _ in unet.named_modules() if n.endswith("attn2"))
+    original = type(dict(unet.named_modules())[layer].processor)
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 7, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = unet(sample, 500, text).sample
+    taps = FeatureTaps(unet, [layer + ":probs", layer])
+    out = unet(sample, 500, text).sample
+    probs, hidden = taps.take()
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert probs.shape == (2, hidden.shape[1], 7) and probs.requires_grad
+    assert torch.allclose(probs.sum(-1), torch.ones(2, hidden.shape[1]), atol=1e-5)
+    taps.remove()
+    assert type(dict(unet.named_modules())[layer].processor) is original
+    with pytest.raises(UserError, match="attention layers"):
+        FeatureTaps(unet, ["conv_in:probs"])

@@ -147,3 +147,18 @@ def test_recipe_for_the_wrong_family_is_rejected():
 def test_unknown_student_name():
     with pytest.raises(UserError, match="unknown student 'bk-huge'"):
         get_spec("bk-huge")
+
+
+def test_attention_map_pairs_are_checked_like_feature_pairs():
+    """`:probs` pairs (attention-map KD) pass when both sides are attention layers over the same queries."""
+    from dataclasses import replace
+
+    base = CATALOGUE["bk-tiny"]
+    ok = ("up_blocks.0.attentions.0.transformer_blocks.0.attn2:probs",
+          "up_blocks.1.attentions.0.transformer_blocks.0.attn2:probs")
+    verify_pairs(plan_student(unet_config("sd15"), replace(base, kd_pairs=(ok,))), unet_config("sd15"), 512)
+    for pair, fragment in [((ok[0], "up_blocks.2.attentions.0.transformer_blocks.0.attn2:probs"), "shapes differ"),
+                           (("up_blocks.0:probs", "up_blocks.1:probs"), "needs an attention layer"),
+                           ((ok[0], ok[1].removesuffix(":probs")), "with attention maps")]:
+        with pytest.raises(UserError, match=fragment):
+            verify_pairs(plan_student(unet_config("sd15"), replace(base, kd_pairs=(pair,))), unet_config("sd15"), 512)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,18 +27,31 @@ FEATURE_NORMS = ("none", "mean", "teacher_var")
 class FeatureTaps:
     """Captures the outputs of named modules during each forward; `take()` returns and clears them.
 
+    A name ending in `:probs` taps an attention layer's attention probabilities (averaged over heads, [B, queries,
+    keys]) instead of its output: that layer runs diffusers' plain `AttnProcessor` (same maths; fused kernels never
+    form the probabilities) until `remove()`. Attention-map KD pairs are then ordinary feature pairs.
     The student's captured tensors stay in the autograd graph (no copy, no detach), the teacher's are
     produced under no_grad: nothing is cloned per step.
     """
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str]) -> None:
         modules = dict(model.named_modules())
-        missing = [n for n in names if n not in modules]
+        missing = [n for n in names if n.removesuffix(PROBS) not in modules]
         if missing:
             raise UserError(f"feature-KD modules not found in {type(model).__name__}: {missing}")
+        not_attention = [n for n in names if n.endswith(PROBS) and not hasattr(modules[n.removesuffix(PROBS)],
+                                                                              "get_attention_scores")]
+        if not_attention:
+            raise UserError(f"'{PROBS}' taps need attention layers; these are not: {not_attention}")
         self.names = list(names)
         self._store: dict[str, torch.Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names if not n.endswith(PROBS)]
+        self._processors = {}
+        for n in self.names:
+            if n.endswith(PROBS):
+                attn = modules[n.removesuffix(PROBS)]
+                self._processors[n] = (attn, attn.processor)
+                attn.set_processor(probs_recorder(partial(self._store.__setitem__, n)))
 
     def _hook(self, name: str):
         def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
@@ -56,6 +70,33 @@ class FeatureTaps:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for attn, processor in self._processors.values():
+            attn.set_processor(processor)
+        self._processors.clear()
+
+
+PROBS = ":probs"  # suffix of a feature name that taps an attention layer's probabilities
+
+
+def probs_recorder(sink: Callable[[torch.Tensor], None]) -> Any:
+    """diffusers' plain AttnProcessor that also hands its attention probabilities, averaged over heads
+    ([batch, queries, keys]), to `sink` (fused kernels never form them)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class Recorder(AttnProcessor):
+        def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            scores = attn.get_attention_scores
+
+            def record(*a: Any, **k: Any) -> torch.Tensor:
+                probs = scores(*a, **k)  # [batch * heads, queries, keys]
+                sink(probs.unflatten(0, (hidden_states.shape[0], attn.heads)).mean(1))
+                return probs
+            attn.get_attention_scores = record
+            try:
+                return super().__call__(attn, hidden_states, *args, **kwargs)
+            finally:
+                del attn.get_attention_scores
+    return Recorder()
 
 
 TeacherOutputs = tuple[torch.Tensor, list[torch.Tensor]]  # the teacher's prediction, its tapped block outputs
@@ -157,32 +198,15 @@ class CrossAttentionMaps:
     (`attn2`) during each forward, for the grounding loss; `take()` returns and clears them.
 
     Fused attention kernels never form the probabilities, so the tapped layers run diffusers' plain
-    `AttnProcessor` (same maths), wrapped to catch what its `get_attention_scores` returns. Only layers whose
+    `AttnProcessor` (same maths; `probs_recorder`). Only layers whose
     query grid is at most `max_downsample` times coarser than the latent are tapped: a 2x2 map cannot say
     where a small object is. `remove()` restores the original processors.
     """
 
     def __init__(self, unet: torch.nn.Module, max_downsample: int = 2) -> None:
-        from diffusers.models.attention_processor import AttnProcessor
-
         self._original = dict(unet.attn_processors)
         self._maps: list[torch.Tensor] = []
         self._unet = unet
-        sink = self._maps
-
-        class _Tap(AttnProcessor):
-            def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-                scores = attn.get_attention_scores
-
-                def record(*a: Any, **k: Any) -> torch.Tensor:
-                    probs = scores(*a, **k)  # [batch * heads, queries, tokens]
-                    sink.append(probs.unflatten(0, (hidden_states.shape[0], attn.heads)).mean(1))
-                    return probs
-                attn.get_attention_scores = record
-                try:
-                    return super().__call__(attn, hidden_states, *args, **kwargs)
-                finally:
-                    del attn.get_attention_scores
 
         # Down-sampling levels of the U-Net: block i of the down path (and the mirrored up block) runs at
         # latent / 2**i; the mid block at the coarsest.
@@ -198,7 +222,7 @@ class CrossAttentionMaps:
                 index = int(rest.split(".", 1)[0])
                 level = index if block == "down_blocks" else levels - 1 - index
             if 2 ** level <= max_downsample:
-                tapped[name] = _Tap()
+                tapped[name] = probs_recorder(self._maps.append)
         if not tapped:
             raise UserError(f"no text cross-attention layer runs at most {max_downsample}x below the latent")
         self.layers = sorted(tapped)

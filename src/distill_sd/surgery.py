@@ -310,7 +310,9 @@ def _initialise_leftovers(model: torch.nn.Module, device: torch.device, dtype: t
 
 
 def verify_pairs(plan: StudentPlan, teacher_config: Mapping[str, Any], resolution: int = 256) -> None:
-    """Every KD pair names existing modules whose outputs have the same shape (checked on the meta device)."""
+    """Every KD pair names existing modules whose outputs have the same shape (checked on the meta device); an
+    attention-map pair (`name:probs`, kd.PROBS) names attention layers over the same number of queries."""
+    from distill_sd.kd import PROBS
     from distill_sd.measure import meta_unet, output_shapes
 
     teacher, student = meta_unet(clean_config(teacher_config)), meta_unet(plan.config)
@@ -318,12 +320,20 @@ def verify_pairs(plan: StudentPlan, teacher_config: Mapping[str, Any], resolutio
                                ("teacher", teacher, [t for _, t in plan.kd_pairs])):
         known = dict(model.named_modules())
         for n in names:
-            if n not in known:
+            module = known.get(n.removesuffix(PROBS))
+            if module is None:
                 raise UserError(f"KD pair names {side} module '{n}', which does not exist; top-level blocks are "
                                 "down_blocks.N, mid_block, up_blocks.N")
-    s_shapes = output_shapes(student, [s for s, _ in plan.kd_pairs], resolution)
-    t_shapes = output_shapes(teacher, [t for _, t in plan.kd_pairs], resolution)
+            if n.endswith(PROBS) and not hasattr(module, "get_attention_scores"):
+                raise UserError(f"KD pair names {side} '{n}': '{PROBS}' needs an attention layer (…attn1, …attn2)")
+    s_shapes = output_shapes(student, [s.removesuffix(PROBS) for s, _ in plan.kd_pairs], resolution)
+    t_shapes = output_shapes(teacher, [t.removesuffix(PROBS) for _, t in plan.kd_pairs], resolution)
     for s, t in plan.kd_pairs:
-        if s_shapes[s] != t_shapes[t]:
-            raise UserError(f"KD pair {s} <- {t}: output shapes differ ({s_shapes[s]} vs {t_shapes[t]}); "
+        if s.endswith(PROBS) != t.endswith(PROBS):
+            raise UserError(f"KD pair {s} <- {t}: pair attention maps ('{PROBS}') with attention maps")
+        s_shape, t_shape = s_shapes[s.removesuffix(PROBS)], t_shapes[t.removesuffix(PROBS)]
+        if s.endswith(PROBS):  # [batch, queries, keys]: the queries must match; the keys are the same text
+            s_shape, t_shape = s_shape[:2], t_shape[:2]
+        if s_shape != t_shape:
+            raise UserError(f"KD pair {s} <- {t}: output shapes differ ({s_shape} vs {t_shape}); "
                             "pair modules of equal width and resolution")
