@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 
 from distill_sd.cli import main
 from distill_sd.errors import UserError
-from distill_sd.train import fingerprint
+from distill_sd.train import TrainConfig, fingerprint
 
 CLI = [sys.executable, "-m", "distill_sd"]
 
@@ -274,3 +274,30 @@ def test_timestep_bias_draws_only_the_chosen_timesteps(narrow_dirs, shapes, tmp_
     timesteps = torch.cat(drawn)
     assert len(timesteps) == 6 * 4 and int(timesteps.min()) >= 500
     assert len(set(timesteps.tolist())) > 12  # still a random draw over the allowed half
+
+
+def test_kd_caption_mix_conditions_on_another_samples_caption(narrow_dirs, shapes, tmp_path, monkeypatch):
+    """--kd_caption_mix 1: every sample gets its neighbour's caption (same data order as without), and the task
+    term, which has no ground truth for such a pair, is zero; the KD terms still train."""
+    import distill_sd.conditioning as conditioning
+
+    seen: dict[str, list[list[str]]] = {}
+    encode_text = conditioning.encode_text
+
+    def record(run):
+        def encode(base, captions, device):
+            seen.setdefault(run, []).append(list(captions))
+            return encode_text(base, captions, device)
+        return encode
+
+    for run, mix in (("plain", "0"), ("mixed", "1")):
+        monkeypatch.setattr(conditioning, "encode_text", record(run))
+        assert main(_args(narrow_dirs["sd15"], shapes, tmp_path / run, 3, "--kd_caption_mix", mix)) == 0
+    assert len(seen["mixed"]) == 3
+    for plain, mixed in zip(seen["plain"], seen["mixed"], strict=True):
+        assert mixed == plain[-1:] + plain[:-1] and mixed != plain
+    history = [json.loads(line) for line in (tmp_path / "mixed" / "history.jsonl").read_text().splitlines()]
+    assert all(h["task"] == 0 and h["out"] > 0 and h["feat"] > 0 for h in history)
+    for value, mode in (("1.5", "distill"), ("0.5", "finetune")):
+        with pytest.raises(UserError, match="kd_caption_mix"):
+            TrainConfig(mode=mode, out="o", teacher="t", student="s", cache="c", kd_caption_mix=float(value)).resolved()

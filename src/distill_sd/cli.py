@@ -332,6 +332,8 @@ _TRAIN_HELP = {
     "teacher_dtype": "fp32 | fp16 | bf16: the frozen teacher's weights (default: the --mixed_precision dtype); "
                      "bf16 with --mixed_precision no is fastest on CPUs with AMX",
     "proportion_empty_prompts": "fraction of captions replaced by the empty prompt (for classifier-free guidance)",
+    "kd_caption_mix": "distill: fraction of samples conditioned on another sample's caption (the teacher answers "
+                      "for that pair; the task term skips it)",
     "class_prompt": "DreamBooth prior preservation (with --instance_prompt): the class, such as 'a photo of a dog'; "
                     "the model draws --num_class_images of it before training and learns them beside the instances",
     "class_data_dir": "where the class images are kept and reused (default: OUT/class_images)",

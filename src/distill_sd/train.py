@@ -125,6 +125,10 @@ class TrainConfig:
     timestep_bias_begin: int = 0  # range: the biased timesteps [begin, end)
     timestep_bias_end: int = 1000
     proportion_empty_prompts: float = 0.0
+    # distill: this fraction of samples is conditioned on another sample's caption (rolled within the batch); the
+    # teacher still answers, so the student learns the teacher's text -> image function beyond the pairs in the
+    # data. Those samples have no ground truth: the task term skips them.
+    kd_caption_mix: float = 0.0
     teacher_dtype: str | None = None
     rank: int = 4  # lora: adapter rank
     lora_alpha: float | None = None  # lora: adapters are scaled by lora_alpha / rank (default: the rank, scale 1)
@@ -188,6 +192,13 @@ class TrainConfig:
             raise UserError("give exactly one of --data (images) or --cache (a `distill-sd cache` folder)")
         if self.loss_ground < 0:
             raise UserError("--loss_ground must be >= 0")
+        if not 0 <= self.kd_caption_mix <= 1:
+            raise UserError(f"--kd_caption_mix must be in [0, 1], got {self.kd_caption_mix}")
+        if self.kd_caption_mix and self.mode != "distill":
+            raise UserError("--kd_caption_mix needs a teacher to answer the mixed captions: it is for distill")
+        if self.kd_caption_mix and self.loss_ground:
+            raise UserError("--kd_caption_mix and --loss_ground do not combine: a mixed caption's words have no "
+                            "object masks in that image; drop one of them")
         if self.loss_ground and self.cache is None:
             raise UserError("--loss_ground needs --cache: a cache with object masks (grounding.safetensors)")
         if self.cache and self.instance_prompt is not None:
@@ -672,10 +683,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         frozen encoders."""
         from distill_sd.conditioning import encode_latent_dist, encode_text, sample_latents
 
-        drop = None
+        drop = mixed = None
         if cfg.cache is not None:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
             ids = batch["caption_id"]
+            if cfg.kd_caption_mix:
+                mixed = torch.rand(len(ids), generator=g, device=device).cpu() < cfg.kd_caption_mix
+                ids = torch.where(mixed, ids.roll(1), ids)
             if cfg.proportion_empty_prompts:
                 drop = torch.rand(len(ids), generator=g, device=device).cpu() < cfg.proportion_empty_prompts
                 ids = torch.where(drop, torch.zeros_like(ids), ids)  # row 0 is the empty prompt
@@ -683,6 +697,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         else:
             mean, std = encode_latent_dist(base, batch["pixel_values"].to(device))
             captions = list(batch["caption"])
+            if cfg.kd_caption_mix:
+                mixed = torch.rand(len(captions), generator=g, device=device).cpu() < cfg.kd_caption_mix
+                captions = [captions[i - 1] if m else c for i, (c, m) in enumerate(zip(captions, mixed.tolist()))]
             if cfg.proportion_empty_prompts:
                 drop = torch.rand(len(captions), generator=g, device=device).cpu() < cfg.proportion_empty_prompts
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -691,7 +708,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             if cond.pooled is not None:
                 cond.pooled = cond.pooled.to(weight_dtype)
         latents = sample_latents(mean, std, scaling_factor, g)
-        return latents, cond, drop
+        return latents, cond, drop, mixed
 
     num_timesteps = noise_scheduler.config.num_train_timesteps
     timestep_probs = timestep_weights(cfg, num_timesteps)
@@ -700,7 +717,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
 
     def step_loss(batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
         g = torch.Generator(device=device).manual_seed(_mix(cfg.seed, global_step, micro, accelerator.process_index))
-        latents, cond, dropped = conditioning(batch, g)
+        latents, cond, dropped, mixed = conditioning(batch, g)
         noise = torch.randn(latents.shape, generator=g, device=device)
         if cfg.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
             noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=device)
@@ -734,6 +751,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             prior = prior.to(device)
             prior_w = 1.0 + (cfg.prior_loss_weight - 1.0) * prior.float()
             snr_w = prior_w if snr_w is None else snr_w * prior_w
+        if mixed is not None and mixed.any():  # a mixed caption's image is not its ground truth
+            keep = (~mixed).float().to(device)
+            snr_w = keep if snr_w is None else snr_w * keep
         terms = distillation_loss(pred, target, weights, teacher_pred, s_feats, t_feats, snr_w)
         if prior is not None and prior.any():  # shown apart: the prior term is what keeps the class from drifting
             terms["prior"] = torch.nn.functional.mse_loss(pred[prior].float().detach(), target[prior].float())
