@@ -15,6 +15,10 @@ mean, median and min-max over seeds. Results go to --out (default benchmarks/res
 
     python benchmarks/demo_seeds.py                          # 4 seeds, 600 (the demo's) and 700 steps: ~25 min
     python benchmarks/demo_seeds.py --seeds 1 --steps 2 --more 3 --prompts 4 --images 256 --out /tmp/seeds-smoke
+    python benchmarks/demo_seeds.py --more --set kd_caption_mix=0 --name demo_seeds-nomix   # another recipe
+
+--set FIELD=VALUE (repeatable) changes a TrainConfig field of the demo's recipe (as `distill-sd distill --FIELD`);
+--name names the result files, so a variant does not overwrite the demo recipe's.
 """
 
 from __future__ import annotations
@@ -49,13 +53,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=FULL.eval_prompts, help="held-out prompts (demo: %(default)s)")
     p.add_argument("--images", type=int, default=FULL.train_images, help="training images (demo: %(default)s)")
     p.add_argument("--student", default=STUDENT, help="catalogue student (default %(default)s)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where demo_seeds.md/.json go")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a training setting changed from the demo's recipe, e.g. kd_caption_mix=0 (repeatable)")
+    p.add_argument("--name", default="demo_seeds", help="result file name (default %(default)s)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where NAME.md/.json go")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "distill-sd-bench"),
                    help="scratch folder for data, cache and runs (removed at the end)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or any(m <= args.steps for m in args.more):
         p.error("--seeds and --steps must be >= 1, and every --more step count above --steps")
+    try:
+        args.overrides = parse_overrides(args.overrides)
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """FIELD=VALUE strings as TrainConfig values of the field's type."""
+    import dataclasses
+
+    from distill_sd.train import TrainConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in types:
+            raise ValueError(f"--set {item}: expected FIELD=VALUE with a TrainConfig field, such as kd_caption_mix=0")
+        kind = types[name]
+        out[name] = (value.lower() in ("1", "true", "yes") if kind == "bool" else float(value) if "float" in kind
+                     else int(value) if "int" in kind else value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.copytree(work / f"seed{seed}-{previous}" / "checkpoints", run / "checkpoints")
             configs[f"seed{seed}-{steps}"] = distill_config(
                 teacher, args.student, cache, run, replace(budget, steps=steps), seed,
-                resume_from_checkpoint="latest" if previous is not None else None)
+                resume_from_checkpoint="latest" if previous is not None else None, **args.overrides)
         t = time.perf_counter()
         done = distill_in_parallel(configs)
         train_s[steps] = time.perf_counter() - t
@@ -99,10 +128,11 @@ def main(argv: list[str] | None = None) -> None:
               f"({100 * runs[-1]['vs_teacher']:.1f} % of the teacher), agreement {100 * r.agreement:.1f} %", flush=True)
 
     report = {"benchmark": "demo_seeds", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "command": command, "machine": machine(), "student": args.student, "seeds": seeds,
+              "command": command, "machine": machine(), "student": args.student, "overrides": args.overrides,
+              "seeds": seeds,
               "budget": asdict(budget), "teacher_accuracy": reference.accuracy, "train_s": train_s,
               "summary": summarise(runs), "runs": runs, "total_wall_s": time.perf_counter() - started}
-    written = write_results(args.out, "demo_seeds", report, markdown(report))
+    written = write_results(args.out, args.name, report, markdown(report))
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {written} and .json ({report['total_wall_s'] / 60:.1f} min)")
 
@@ -124,7 +154,9 @@ def markdown(rep: dict[str, Any]) -> str:
 
     m = rep["machine"]
     lines = [f"demo_seeds: `{rep['command']}` ({rep['date'][:10]}, {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
-             f"{rep['total_wall_s'] / 60:.0f} min): the demo's {rep['student']} distillation with training seeds "
+             f"{rep['total_wall_s'] / 60:.0f} min): the demo's {rep['student']} distillation"
+             f"{' with ' + ', '.join(f'{k}={v}' for k, v in rep['overrides'].items()) if rep.get('overrides') else ''}"
+             f" with training seeds "
              f"{rep['seeds'][0]}..{rep['seeds'][-1]}, scored on {rep['budget']['eval_prompts']} held-out prompts; "
              f"teacher {pct(rep['teacher_accuracy'])}.", "",
              "| steps | of the teacher: mean | median | min-max | accuracy: mean | agreement: mean |",
