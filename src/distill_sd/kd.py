@@ -198,9 +198,9 @@ class CrossAttentionMaps:
     (`attn2`) during each forward, for the grounding loss; `take()` returns and clears them.
 
     Fused attention kernels never form the probabilities, so the tapped layers run diffusers' plain
-    `AttnProcessor` (same maths; `probs_recorder`). Only layers whose
-    query grid is at most `max_downsample` times coarser than the latent are tapped: a 2x2 map cannot say
-    where a small object is. `remove()` restores the original processors.
+    `AttnProcessor` (same maths; `probs_recorder`). Only layers whose query grid is at most `max_downsample`
+    times coarser than the latent are tapped: a 2x2 map cannot say where a small object is. `remove()` restores
+    the original processors.
     """
 
     def __init__(self, unet: torch.nn.Module, max_downsample: int = 2) -> None:

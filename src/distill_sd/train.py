@@ -683,25 +683,28 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         frozen encoders."""
         from distill_sd.conditioning import encode_latent_dist, encode_text, sample_latents
 
-        drop = mixed = None
+        n = len(batch["caption_id"] if cfg.cache is not None else batch["caption"])
+
+        def coin(p: float) -> torch.Tensor | None:  # which rows of the batch a rule with probability p hits
+            return torch.rand(n, generator=g, device=device).cpu() < p if p else None
+
+        # Drawn before either path encodes anything, in one order, so the cache and the encoders see the same
+        # masks: caption mixing first (a row takes its neighbour's caption), then empty-caption dropout.
+        mixed, drop = coin(cfg.kd_caption_mix), coin(cfg.proportion_empty_prompts)
         if cfg.cache is not None:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
             ids = batch["caption_id"]
-            if cfg.kd_caption_mix:
-                mixed = torch.rand(len(ids), generator=g, device=device).cpu() < cfg.kd_caption_mix
+            if mixed is not None:
                 ids = torch.where(mixed, ids.roll(1), ids)
-            if cfg.proportion_empty_prompts:
-                drop = torch.rand(len(ids), generator=g, device=device).cpu() < cfg.proportion_empty_prompts
+            if drop is not None:
                 ids = torch.where(drop, torch.zeros_like(ids), ids)  # row 0 is the empty prompt
             cond = dataset.text_conditioning(ids, device, weight_dtype)
         else:
             mean, std = encode_latent_dist(base, batch["pixel_values"].to(device))
             captions = list(batch["caption"])
-            if cfg.kd_caption_mix:
-                mixed = torch.rand(len(captions), generator=g, device=device).cpu() < cfg.kd_caption_mix
+            if mixed is not None:
                 captions = [captions[i - 1] if m else c for i, (c, m) in enumerate(zip(captions, mixed.tolist()))]
-            if cfg.proportion_empty_prompts:
-                drop = torch.rand(len(captions), generator=g, device=device).cpu() < cfg.proportion_empty_prompts
+            if drop is not None:
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             cond = encode_text(base, captions, device)
             cond.embeds = cond.embeds.to(weight_dtype)
