@@ -13,9 +13,10 @@ demo's own bk-tiny.
 Reports per seed and step count: accuracy, accuracy / teacher's, agreement with the teacher; per step count the
 mean, median and min-max over seeds. Results go to --out (default benchmarks/results) as demo_seeds.md/.json.
 
-    python benchmarks/demo_seeds.py                          # 4 seeds, 600 (the demo's) and 700 steps: ~25 min
+    python benchmarks/demo_seeds.py                          # 4 seeds at the demo's 1,100 steps: ~20 min
+    python benchmarks/demo_seeds.py --more 1300                # ... and each continued to 1,300 steps
     python benchmarks/demo_seeds.py --seeds 1 --steps 2 --more 3 --prompts 4 --images 256 --out /tmp/seeds-smoke
-    python benchmarks/demo_seeds.py --more --set kd_caption_mix=0 --name demo_seeds-nomix   # another recipe
+    python benchmarks/demo_seeds.py --steps 600 --set train_batch_size=16 --name demo_seeds-600x16   # another recipe
 
 --set FIELD=VALUE (repeatable) changes a TrainConfig field of the demo's recipe (as `distill-sd distill --FIELD`);
 --name names the result files, so a variant does not overwrite the demo recipe's.
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=4, help="training seeds 0..N-1 (default %(default)s)")
     p.add_argument("--steps", type=int, default=FULL.steps, help="first step count (demo FULL: %(default)s)")
-    p.add_argument("--more", type=int, nargs="*", default=[700], help="step counts each run continues to")
+    p.add_argument("--more", type=int, nargs="*", default=[], help="step counts each run continues to")
     p.add_argument("--prompts", type=int, default=FULL.eval_prompts, help="held-out prompts (demo: %(default)s)")
     p.add_argument("--images", type=int, default=FULL.train_images, help="training images (demo: %(default)s)")
     p.add_argument("--student", default=STUDENT, help="catalogue student (default %(default)s)")

@@ -5,7 +5,7 @@ all three served by one teacher process (`demo.distill_in_parallel(..., share_te
 Students distilled from one teacher with one seed see the same batches, noise and timesteps, so without
 sharing the identical teacher forward runs once per student. Everything is the demo's (the FULL budget's
 training split, exported with seed 0 and cached once with the teacher's encoders; `demo.distill_config`:
-batch 16, lr 1e-3, EMA), only shorter (--steps). The two variants alternate round by round, so drifting
+the FULL budget's batch, lr 1e-3, EMA), only shorter (--steps). The two variants alternate round by round, so drifting
 machine load hits both alike. Per variant: median over rounds of the wall time of `distill_in_parallel`
 (process start-up included) and of each student's median step time (from its history.jsonl); plus whether the
 final weights of both variants are bit-identical (they must be: sharing only removes repeated work).
@@ -43,11 +43,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--images", type=int, default=FULL.train_images)
+    p.add_argument("--batch", type=int, default=FULL.batch_size)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args()
 
     teacher = teacher_dir()
-    budget = replace(FULL, train_images=args.images, steps=args.steps)
+    budget = replace(FULL, train_images=args.images, steps=args.steps, batch_size=args.batch)
     work = Path(tempfile.mkdtemp(prefix="shared-teacher-"))
     cache = cache_data(teacher, export_image_folder(work / "data", budget.train_images, 0, "train"), work / "cache")
     walls: dict[str, list[float]] = {v: [] for v in VARIANTS}

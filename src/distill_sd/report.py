@@ -51,8 +51,10 @@ def machine_line(m: dict[str, Any] | None = None) -> str:
     """One line naming what a timing was measured on: 'Intel(R) Xeon(R) Processor (avx512f, amx_bf16), 2 cores,
     torch 2.13.0'."""
     m = machine() if m is None else m
-    isa = f" ({', '.join(m['isa'])})" if m["isa"] else ""
-    return f"{m['cpu']}{isa}, {m['cores']} cores, torch {m['torch']}"
+    # "no AVX-512" said outright: one model name ("AMD EPYC") covers CPUs with and without it, which differ in speed
+    # and in how their float kernels round
+    isa = ", ".join(m["isa"]) if m["isa"] else "no AVX-512"
+    return f"{m['cpu']} ({isa}), {m['cores']} cores, torch {m['torch']}"
 
 
 def write_results(folder: str | Path, name: str, report: dict[str, Any], md: str) -> Path:
