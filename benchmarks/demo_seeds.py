@@ -13,10 +13,10 @@ demo's own bk-tiny.
 Reports per seed and step count: accuracy, accuracy / teacher's, agreement with the teacher; per step count the
 mean, median and min-max over seeds. Results go to --out (default benchmarks/results) as demo_seeds.md/.json.
 
-    python benchmarks/demo_seeds.py                          # 4 seeds at the demo's 1,100 steps: ~20 min
-    python benchmarks/demo_seeds.py --more 1300                # ... and each continued to 1,300 steps
+    python benchmarks/demo_seeds.py                          # 4 seeds at the demo's 600 steps: ~20 min
+    python benchmarks/demo_seeds.py --more 700                 # ... and each continued to 700 steps
     python benchmarks/demo_seeds.py --seeds 1 --steps 2 --more 3 --prompts 4 --images 256 --out /tmp/seeds-smoke
-    python benchmarks/demo_seeds.py --steps 600 --set train_batch_size=16 --name demo_seeds-600x16   # another recipe
+    python benchmarks/demo_seeds.py --steps 1100 --set train_batch_size=8 --name demo_seeds-1100x8   # another recipe
 
 --set FIELD=VALUE (repeatable) changes a TrainConfig field of the demo's recipe (as `distill-sd distill --FIELD`);
 --name names the result files, so a variant does not overwrite the demo recipe's.

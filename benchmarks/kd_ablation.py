@@ -8,8 +8,8 @@
 
 Everything else is `distill-sd demo`'s bk-tiny run, through demo.py's own functions: the same training split
 (FULL budget: 4096 images, exported with the demo's seed 0) cached once with the teacher's encoders
-(`demo.cache_data`), the same TrainConfig (`demo.distill_config`: batch 8, lr 1e-3 constant, 10 % empty
-captions, EMA 0.99, the demo's 1,100 steps unless --steps says otherwise; only the loss weights overridden),
+(`demo.cache_data`), the same TrainConfig (`demo.distill_config`: batch 16, lr 1e-3 constant, 10 % empty
+captions, EMA 0.99, the demo's 600 steps unless --steps says otherwise; only the loss weights overridden),
 and the same evaluation (`demo.eval_scenes` + `demo.evaluate_model`: the 96 held-out compositions, DPM++ 20
 steps, guidance 4.0, seed 1234 + prompt index, agreement measured against the teacher's image of the same
 prompt and noise). Each variant runs with training seeds 0..N-1; one seed is one (data order, noise,

@@ -5,7 +5,7 @@ all three served by one teacher process (`demo.distill_in_parallel(..., share_te
 Students distilled from one teacher with one seed see the same batches, noise and timesteps, so without
 sharing the identical teacher forward runs once per student. Everything is the demo's (the FULL budget's
 training split, exported with seed 0 and cached once with the teacher's encoders; `demo.distill_config`:
-the FULL budget's batch, lr 1e-3, EMA), only shorter (--steps). The two variants alternate round by round, so drifting
+batch 16, lr 1e-3, EMA), only shorter (--steps). The two variants alternate round by round, so drifting
 machine load hits both alike. Per variant: median over rounds of the wall time of `distill_in_parallel`
 (process start-up included) and of each student's median step time (from its history.jsonl); plus whether the
 final weights of both variants are bit-identical (they must be: sharing only removes repeated work).
