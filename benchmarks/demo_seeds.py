@@ -14,7 +14,7 @@ Reports per seed and step count: accuracy, accuracy / teacher's, agreement with 
 mean, median and min-max over seeds. Results go to --out (default benchmarks/results) as demo_seeds.md/.json.
 
     python benchmarks/demo_seeds.py                          # 4 seeds at the demo's 600 steps: ~20 min
-    python benchmarks/demo_seeds.py --more 700                 # ... and each continued to 700 steps
+    python benchmarks/demo_seeds.py --more 700               # ... and each continued to 700 steps
     python benchmarks/demo_seeds.py --seeds 1 --steps 2 --more 3 --prompts 4 --images 256 --out /tmp/seeds-smoke
     python benchmarks/demo_seeds.py --steps 1100 --set train_batch_size=8 --name demo_seeds-1100x8   # another recipe
 

@@ -151,7 +151,7 @@ def test_failure_report_lists_failed_images_and_names_binding_failures(tmp_path)
 def test_machine_line_names_cpu_fast_paths_cores_and_torch():
     m = {"cpu": "Some CPU", "isa": ["avx512f", "amx_bf16"], "cores": 2, "torch": "2.13.0"}
     assert machine_line(m) == "Some CPU (avx512f, amx_bf16), 2 cores, torch 2.13.0"
-    assert machine_line({**m, "isa": []}) == "Some CPU (no AVX-512), 2 cores, torch 2.13.0"  # no empty brackets
+    assert machine_line({**m, "isa": []}) == "Some CPU (no AVX-512), 2 cores, torch 2.13.0"  # said, not left out
 
 
 def test_readme_shows_the_table_of_the_shipped_demo_report():
