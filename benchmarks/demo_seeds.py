@@ -17,6 +17,7 @@ mean, median and min-max over seeds. Results go to --out (default benchmarks/res
     python benchmarks/demo_seeds.py --more 700               # ... and each continued to 700 steps
     python benchmarks/demo_seeds.py --seeds 1 --steps 2 --more 3 --prompts 4 --images 256 --out /tmp/seeds-smoke
     python benchmarks/demo_seeds.py --steps 1100 --set train_batch_size=8 --name demo_seeds-1100x8   # another recipe
+    python benchmarks/demo_seeds.py --two-object-share 0.75 --name demo_seeds-two75   # another training split
 
 --set FIELD=VALUE (repeatable) changes a TrainConfig field of the demo's recipe (as `distill-sd distill --FIELD`);
 --name names the result files, so a variant does not overwrite the demo recipe's.
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--more", type=int, nargs="*", default=[], help="step counts each run continues to")
     p.add_argument("--prompts", type=int, default=FULL.eval_prompts, help="held-out prompts (demo: %(default)s)")
     p.add_argument("--images", type=int, default=FULL.train_images, help="training images (demo: %(default)s)")
+    p.add_argument("--two-object-share", type=float, metavar="S",
+                   help="training split with exactly this share of two-object scenes (demo: about half)")
     p.add_argument("--student", default=STUDENT, help="catalogue student (default %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="a training setting changed from the demo's recipe, e.g. kd_caption_mix=0 (repeatable)")
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or any(m <= args.steps for m in args.more):
         p.error("--seeds and --steps must be >= 1, and every --more step count above --steps")
+    if args.two_object_share is not None and not 0 <= args.two_object_share <= 1:
+        p.error(f"--two-object-share must be between 0 and 1, got {args.two_object_share}")
     try:
         args.overrides = parse_overrides(args.overrides)
     except ValueError as e:
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     teacher = teacher_dir()
     work = Path(args.workdir) / f"demo_seeds-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     seeds = list(range(args.seeds))
-    data = export_image_folder(work / "data", budget.train_images, DATA_SEED, "train")
+    data = export_image_folder(work / "data", budget.train_images, DATA_SEED, "train",
+                               two_object_share=args.two_object_share)
     cache = cache_data(teacher, data, work / "cache")
 
     finals: dict[tuple[int, int], Path] = {}
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {"benchmark": "demo_seeds", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": command, "machine": machine(), "student": args.student, "overrides": args.overrides,
+              "two_object_share": args.two_object_share,
               "seeds": seeds,
               "budget": asdict(budget), "teacher_accuracy": reference.accuracy, "train_s": train_s,
               "summary": summarise(runs), "runs": runs, "total_wall_s": time.perf_counter() - started}
@@ -154,10 +161,12 @@ def markdown(rep: dict[str, Any]) -> str:
         return f"{100 * x:.1f} %"
 
     m = rep["machine"]
+    share = rep.get("two_object_share")
+    split = "" if share is None else f" on a training split {pct(share)} two-object"
     lines = [f"demo_seeds: `{rep['command']}` ({rep['date'][:10]}, {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
              f"{rep['total_wall_s'] / 60:.0f} min): the demo's {rep['student']} distillation"
              f"{' with ' + ', '.join(f'{k}={v}' for k, v in rep['overrides'].items()) if rep.get('overrides') else ''}"
-             f" with training seeds "
+             f"{split} with training seeds "
              f"{rep['seeds'][0]}..{rep['seeds'][-1]}, scored on {rep['budget']['eval_prompts']} held-out prompts; "
              f"teacher {pct(rep['teacher_accuracy'])}.", "",
              "| steps | of the teacher: mean | median | min-max | accuracy: mean | agreement: mean |",

@@ -109,6 +109,19 @@ def test_unknown_split_is_a_user_error() -> None:
         sample_scenes(3, seed=0, split="eval")  # type: ignore[arg-type]
 
 
+def test_two_object_share_sets_the_mix_and_keeps_the_split() -> None:
+    plain = sample_scenes(400, seed=0, split="train")
+    mixed = sample_scenes(400, seed=0, split="train", two_object_share=0.75)
+    assert sum(len(s.objects) == 2 for s in mixed) == 300  # exactly round(n * share), where plain has about half
+    assert 150 <= sum(len(s.objects) == 2 for s in plain) <= 250
+    assert not {(o.shape, o.colour) for s in mixed for o in s.objects} & HELDOUT_COMBOS
+    assert mixed == sample_scenes(400, seed=0, split="train", two_object_share=0.75)
+    assert set(map(repr, mixed)) <= set(map(repr, sample_scenes(1200, seed=0, split="train")))  # the same scenes
+    assert all(len(s.objects) == 1 for s in sample_scenes(20, seed=0, two_object_share=0.0))
+    with pytest.raises(UserError):
+        sample_scenes(3, seed=0, two_object_share=1.5)
+
+
 def test_export_image_folder_layout(tmp_path) -> None:
     out = tmp_path / "shapes"
     export_image_folder(out, n=6, seed=2, split="train", size=32)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from distill_sd.errors import UserError
 from distill_sd.shapes.kit import SHAPES_UNET_CONFIG, build_kit, shapes_unet_config
 from distill_sd.shapes.vae import image_pool, to_model_space, train_vae
+from distill_sd.shapes.world import sample_scenes
 
 FAST = {"steps": 8, "batch_size": 4, "pool_size": 32, "threads": 1, "progress": False}
 
@@ -129,6 +130,18 @@ def test_teacher_recipe_runs_every_cycle_and_reuses_finished_stages(vae_dir, tmp
     make_teacher(work, tmp_path / "again", **kw)
     again = load_file(tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(again[k], v) for k, v in load_file(weights).items())
+
+    # one more cycle from a finished teacher, on its own training split (another seed, all two-object scenes)
+    more = tmp_path / "more-work"
+    summary = make_teacher(more, tmp_path / "more", steps=3, restarts=((1, 1e-4),), images=6, batch_size=4,
+                           eval_prompts=2, start_from=tmp_path / "teacher", data_seed=5, two_object_share=1.0)
+    assert sorted(p.name for p in more.iterdir() if p.name.startswith("run")) == ["run2"]  # no pretraining cycle
+    cfg = json.loads((more / "run2" / "train_config.json").read_text())
+    assert (cfg["student"], cfg["max_train_steps"]) == (str(tmp_path / "teacher"), 1)
+    rows = [json.loads(line) for line in (more / "data" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == [s.caption for s in sample_scenes(6, 5, "train", two_object_share=1.0)]
+    assert all(len(r["attributes"]["objects"]) == 2 for r in rows)
+    assert summary["two_object_share"] == 1.0 and summary["data_seed"] == 5
 
 
 def test_teacher_restarts_parse_steps_and_learning_rate():

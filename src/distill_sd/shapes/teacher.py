@@ -96,10 +96,13 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
                  learning_rate: float = 1e-3, restarts: tuple[tuple[int, float], ...] = RESTARTS,
                  snr_gamma: float | None = 5.0, vae_dir: Path | None = None, eval_prompts: int = 300,
                  reader_steps: int | None = None, reader_nouns: bool = False,
-                 grounding: tuple[int, float, float] | None = None, start_from: Path | None = None) -> dict:
+                 grounding: tuple[int, float, float] | None = None, start_from: Path | None = None,
+                 data_seed: int | None = None, two_object_share: float | None = None) -> dict:
     """Every stage. `grounding` (steps, peak lr, weight): one more cycle with the grounding loss added (each
     object's words must attend inside that object, kd.grounding_loss); with `start_from`, a teacher pipeline
-    whose earlier cycles are done, only the data, the cache and that cycle run."""
+    whose earlier cycles are done, only the data, the cache, the `restarts` cycles and that one run, from it.
+    The training split is drawn with `data_seed` (default: `seed`) and, if given, exactly `two_object_share` of
+    two-object scenes (world.sample_scenes)."""
     from distill_sd.cache import GROUNDING_FILE, build_cache
     from distill_sd.models import check_new_output_dir, load_teacher
     from distill_sd.shapes import export_image_folder, heldout_prompts
@@ -117,7 +120,8 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
         kit = work / "kit" if (work / "kit").is_dir() else build_kit(
             work / "kit", vae, seed=seed, reader_steps=READER_STEPS if reader_steps is None else reader_steps,
             reader_nouns=reader_nouns)
-    data = work / "data" if (work / "data").is_dir() else export_image_folder(work / "data", images, seed, "train")
+    data = work / "data" if (work / "data").is_dir() else export_image_folder(
+        work / "data", images, seed if data_seed is None else data_seed, "train", two_object_share=two_object_share)
     if not (work / "cache").is_dir():
         build_cache(load_teacher(kit).pipeline, str(kit), str(data), work / "cache", resolution=64, batch_size=64)
 
@@ -139,7 +143,7 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
         final = start_from
     else:
         final = cycle("run", steps, learning_rate, min(500, steps // 10), seed, mode="pretrain", base=str(kit))
-    for i, (restart_steps, restart_lr) in enumerate(() if start_from else restarts, start=2):  # warm restarts
+    for i, (restart_steps, restart_lr) in enumerate(restarts, start=2):  # warm restarts
         final = cycle(f"run{i}", restart_steps, restart_lr, min(200, restart_steps // 10), seed + i - 1,
                       mode="finetune", student=str(final))
     if grounding is not None:
@@ -155,6 +159,8 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
     summary = {"heldout_accuracy": result.accuracy, "scores": result.scores, "steps": steps, "images": images,
                "batch_size": batch_size, "learning_rate": learning_rate, "restarts": [list(r) for r in restarts],
                "snr_gamma": snr_gamma, "seed": seed, "reader_nouns": reader_nouns,
+               "start_from": str(start_from) if start_from else None, "data_seed": data_seed,
+               "two_object_share": two_object_share,
                "grounding": list(grounding) if grounding else None}
     (work / "teacher_eval.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
@@ -169,26 +175,35 @@ def main() -> None:
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--restarts", nargs="*", type=parse_restart, default=list(RESTARTS), metavar="STEPS:LR",
+    p.add_argument("--restarts", nargs="*", type=parse_restart, metavar="STEPS:LR",
                    help="further cosine cycles, each a warm restart from the previous one's EMA weights "
-                        f"(default: {' '.join(f'{n}:{lr:g}' for n, lr in RESTARTS)}; none: `--restarts` alone)")
+                        f"(default: {' '.join(f'{n}:{lr:g}' for n, lr in RESTARTS)}, none with --start-from; "
+                        "none: `--restarts` alone)")
     p.add_argument("--grounding", type=parse_grounding, metavar="STEPS:LR:WEIGHT",
                    help="experimental: one more cycle with the grounding loss at this weight, such as 1500:1e-4:0.1 "
                         "(measured to cost accuracy on held-out compositions: see the teacher's README)")
-    p.add_argument("--start-from", help="with --grounding: a teacher pipeline whose cycles are done (such as the "
-                   "shipped one); only the grounding cycle runs, from it")
+    p.add_argument("--start-from", help="a teacher pipeline whose cycles are done (such as the shipped one): only "
+                   "the cycles given with --restarts and --grounding run, from it")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting gamma (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="kit, data and first cycle; cycle i runs with seed + i - 1")
+    p.add_argument("--data-seed", type=int, help="draws the training split (default: --seed)")
+    p.add_argument("--two-object-share", type=float, metavar="S",
+                   help="experimental: a training split with exactly this share of two-object scenes (default: about "
+                        "half; 0.75 measured to cost accuracy on held-out compositions: see the teacher's README)")
     p.add_argument("--vae", help="an already trained shapes VAE folder")
     p.add_argument("--reader-steps", type=int, default=None,
                    help="steps teaching the text encoder to read captions (default: the kit's; 0: keep it random)")
     p.add_argument("--reader-nouns", action="store_true",
                    help="experimental: each shape word also learns its own object's colour and stated size")
     a = p.parse_args()
-    if a.start_from and not a.grounding:
-        p.error("--start-from runs only the grounding cycle: give --grounding STEPS:LR:WEIGHT too")
+    restarts = tuple(a.restarts) if a.restarts is not None else () if a.start_from else RESTARTS
+    if a.start_from and not (restarts or a.grounding):
+        p.error("--start-from runs only the cycles you give: add --restarts STEPS:LR or --grounding STEPS:LR:WEIGHT")
+    if a.two_object_share is not None and not 0 <= a.two_object_share <= 1:
+        p.error(f"--two-object-share must be between 0 and 1, got {a.two_object_share}")
     make_teacher(Path(a.work), Path(a.out), steps=a.steps, images=a.images, batch_size=a.batch_size,
-                 seed=a.seed, learning_rate=a.learning_rate, restarts=tuple(a.restarts),
+                 seed=a.seed, learning_rate=a.learning_rate, restarts=restarts, data_seed=a.data_seed,
+                 two_object_share=a.two_object_share,
                  snr_gamma=a.snr_gamma or None, vae_dir=Path(a.vae) if a.vae else None, reader_steps=a.reader_steps,
                  reader_nouns=a.reader_nouns, grounding=a.grounding,
                  start_from=Path(a.start_from) if a.start_from else None)

@@ -159,15 +159,31 @@ def object_box(shape: str, centre: tuple[float, float], extent: float) -> tuple[
     return (centre[0] - extent / 2, top, centre[0] + extent / 2, top + extent)
 
 
-def sample_scenes(n: int, seed: int, split: Split = "train") -> list[Scene]:
+def sample_scenes(n: int, seed: int, split: Split = "train", two_object_share: float | None = None) -> list[Scene]:
     """Draw `n` scenes. Scene i depends only on (seed, split, i), so prefixes are stable.
 
     "train" never contains a HELDOUT_COMBOS object; "heldout" always contains at least one;
-    "all" is unrestricted.
+    "all" is unrestricted. About half the scenes have two objects; `two_object_share` (0 to 1) makes it exactly
+    round(n * share) of them instead: the same per-index scenes, in order, with those of the over-represented
+    count skipped once their quota is full (prefixes are then no longer stable).
     """
     if split not in ("train", "heldout", "all"):
         raise UserError(f"unknown split {split!r}: use 'train', 'heldout' or 'all'")
-    return [_sample_scene(random.Random(f"shapes:{seed}:{split}:{i}"), split) for i in range(n)]
+    if two_object_share is None:
+        return [_sample_scene(random.Random(f"shapes:{seed}:{split}:{i}"), split) for i in range(n)]
+    if not 0.0 <= two_object_share <= 1.0:
+        raise UserError(f"two-object share must be between 0 and 1, got {two_object_share}")
+    quota = {2: round(n * two_object_share)}
+    quota[1] = n - quota[2]
+    scenes: list[Scene] = []
+    i = 0
+    while len(scenes) < n:
+        scene = _sample_scene(random.Random(f"shapes:{seed}:{split}:{i}"), split)
+        i += 1
+        if quota[len(scene.objects)] > 0:
+            quota[len(scene.objects)] -= 1
+            scenes.append(scene)
+    return scenes
 
 
 def heldout_prompts(n: int, seed: int) -> list[Scene]:
@@ -198,15 +214,16 @@ def render_scene(scene: Scene, size: int = DEFAULT_SIZE) -> Image.Image:
 
 
 def generate(
-    n: int, seed: int, split: Split = "train", size: int = DEFAULT_SIZE
+    n: int, seed: int, split: Split = "train", size: int = DEFAULT_SIZE, two_object_share: float | None = None
 ) -> Iterator[tuple[Image.Image, Scene]]:
-    """Yield (image, scene) pairs for `sample_scenes(n, seed, split)`."""
-    for scene in sample_scenes(n, seed, split):
+    """Yield (image, scene) pairs for `sample_scenes(n, seed, split, two_object_share)`."""
+    for scene in sample_scenes(n, seed, split, two_object_share):
         yield render_scene(scene, size), scene
 
 
 def export_image_folder(
-    out_dir: str | Path, n: int, seed: int, split: Split = "train", size: int = DEFAULT_SIZE
+    out_dir: str | Path, n: int, seed: int, split: Split = "train", size: int = DEFAULT_SIZE,
+    two_object_share: float | None = None,
 ) -> Path:
     """Write an HF "imagefolder" dataset: 000000.png, ... plus metadata.jsonl.
 
@@ -218,7 +235,7 @@ def export_image_folder(
         raise UserError(f"{out} already exists and is not an empty directory: choose a new or empty one")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:
-        for i, (image, scene) in enumerate(generate(n, seed, split, size)):
+        for i, (image, scene) in enumerate(generate(n, seed, split, size, two_object_share)):
             file_name = f"{i:06d}.png"
             image.save(out / file_name)
             record = {"file_name": file_name, "text": scene.caption, "attributes": scene.to_dict()}
