@@ -170,7 +170,7 @@ def sample_scenes(n: int, seed: int, split: Split = "train", two_object_share: f
     if split not in ("train", "heldout", "all"):
         raise UserError(f"unknown split {split!r}: use 'train', 'heldout' or 'all'")
     if two_object_share is None:
-        return [_sample_scene(random.Random(f"shapes:{seed}:{split}:{i}"), split) for i in range(n)]
+        return [_scene_at(seed, split, i) for i in range(n)]
     if not 0.0 <= two_object_share <= 1.0:
         raise UserError(f"two-object share must be between 0 and 1, got {two_object_share}")
     quota = {2: round(n * two_object_share)}
@@ -178,7 +178,7 @@ def sample_scenes(n: int, seed: int, split: Split = "train", two_object_share: f
     scenes: list[Scene] = []
     i = 0
     while len(scenes) < n:
-        scene = _sample_scene(random.Random(f"shapes:{seed}:{split}:{i}"), split)
+        scene = _scene_at(seed, split, i)
         i += 1
         if quota[len(scene.objects)] > 0:
             quota[len(scene.objects)] -= 1
@@ -241,6 +241,11 @@ def export_image_folder(
             record = {"file_name": file_name, "text": scene.caption, "attributes": scene.to_dict()}
             meta.write(json.dumps(record) + "\n")
     return out
+
+
+def _scene_at(seed: int, split: Split, i: int) -> Scene:
+    """Scene i of (seed, split): its own random stream, so it depends on nothing else."""
+    return _sample_scene(random.Random(f"shapes:{seed}:{split}:{i}"), split)
 
 
 def _sample_scene(rng: random.Random, split: Split) -> Scene:
