@@ -238,8 +238,9 @@ def distill_config(teacher_path: Path, student: str, cache: Path, out: Path, bud
         # The teacher's share of empty captions too: guidance amplifies the unconditional branch (x3 at guidance 4),
         # and a student that never distils that branch drifts from the teacher there.
         proportion_empty_prompts=EMPTY_PROMPTS,
-        # A short EMA (diffusers' warm-up makes it ~0.985 at step 600): at a constant lr of 1e-3 the last iterate is
-        # noisy, and which seed got lucky decided more than the recipe did.
+        # A short EMA: at a constant lr of 1e-3 the last iterate is noisy, and which seed got lucky decided more than
+        # the recipe did. diffusers' warm-up caps the decay at (1 + s) / (10 + s), 0.985 at step 600, so the 0.99
+        # here is reached only past ~890 steps: up to then a higher ema_decay gives the same weights.
         use_ema=True, ema_decay=0.99)
     return TrainConfig(**{**options, **overrides})
 
