@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""word_states: what the shapes teacher's U-Net reads from the caption's word tokens, and what from the rest.
+
+The teacher's text encoder was taught to put what a caption says into its end-of-text and padding states (the
+reader, shapes.reader), from captions of the whole world; the states at the word tokens carry each word in its
+left context only (CLIP's causal attention). This evaluates the shipped teacher with the text encoder's states at
+the word tokens replaced, everything else as in the demo (DPM++ 20 steps, guidance 4, seed 1234 + index):
+
+- as shipped: nothing replaced;
+- words -> end-of-text: each word state replaced by the caption's end-of-text state (the reader's summary);
+- words -> start: each word state replaced by the start-of-text state (the same for every caption: no words).
+
+on captions of held-out compositions (the demo's 96) and of the training split's. The empty caption of
+classifier-free guidance has no word tokens and is unchanged. Results go to --out as word_states.md/.json.
+
+    python benchmarks/word_states.py                       # 96 captions per split: six evaluations of 96 images
+    python benchmarks/word_states.py --prompts 4 --out /tmp/word-states-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill_sd.demo import eval_scenes
+from distill_sd.evaluate import evaluate
+from distill_sd.generate import set_scheduler
+from distill_sd.models import load_teacher
+from distill_sd.report import machine, machine_line, markdown_table, write_results
+from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SCHEDULER, EVAL_SEED, EVAL_STEPS, teacher_dir
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = {"shipped": "as shipped", "eot": "words -> end-of-text state", "start": "words -> start state"}
+SPLITS = {"heldout": "held-out compositions", "train": "training split"}
+
+
+def replace_word_states(pipe: Any, mode: str) -> Any:
+    """Hook the pipeline's text encoder so its output at word tokens (not start, end-of-text or padding) is replaced
+    as `mode` says; returns the hook's handle."""
+    tok = pipe.tokenizer
+    special = torch.tensor([tok.bos_token_id, tok.eos_token_id, tok.pad_token_id])
+
+    def hook(_module: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+        ids = args[0] if args else kwargs["input_ids"]
+        words = ~torch.isin(ids, special.to(ids.device))
+        h = out.last_hidden_state
+        if mode == "shipped" or not words.any():
+            return out
+        if mode == "eot":  # the first end-of-text token: where the caption ends
+            source = h[torch.arange(len(h)), (ids == tok.eos_token_id).int().argmax(dim=1)]
+        else:
+            source = h[:, 0]
+        out.last_hidden_state = torch.where(words[..., None], source[:, None, :].expand_as(h), h)
+        return out
+
+    return pipe.text_encoder.register_forward_hook(hook, with_kwargs=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default=None, help="teacher pipeline (default: the shipped shapes teacher)")
+    p.add_argument("--prompts", type=int, default=96, help="captions per split (the demo's: %(default)s)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where word_states.md/.json go")
+    args = p.parse_args(argv)
+    if args.prompts < 1:
+        p.error("--prompts must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    pipe = load_teacher(args.teacher or teacher_dir()).pipeline
+    set_scheduler(pipe, EVAL_SCHEDULER)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for split in SPLITS:
+        scenes = eval_scenes(args.prompts, split)
+        for mode in MODES:
+            handle = replace_word_states(pipe, mode)
+            try:
+                r = evaluate(mode, pipe, scenes, seed=EVAL_SEED, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
+            finally:
+                handle.remove()
+            rows.append({"split": split, "mode": mode, **r.scores})
+            print(f"{SPLITS[split]}, {MODES[mode]}: {r.accuracy:.1%}", flush=True)
+    command = "python benchmarks/word_states.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    report = {"benchmark": "word_states", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "command": command.strip(), "machine": machine(), "teacher": str(args.teacher or "shipped"),
+              "prompts": args.prompts, "rows": rows, "total_wall_s": time.perf_counter() - started}
+    write_results(args.out, "word_states", report, markdown(report))
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731 (a split may lack 1- or 2-object captions)
+    table = markdown_table(
+        ["captions", "text encoder states at the word tokens", "accuracy", "1-object", "2-object", "colour", "shape"],
+        [[SPLITS[r["split"]], MODES[r["mode"]], pct(r["accuracy"]), pct(r.get("accuracy_1obj")), pct(r.get("accuracy_2obj")),
+          pct(r["colour"]), pct(r["shape"])] for r in rep["rows"]])
+    return (f"word_states: `{rep['command']}` ({rep['date'][:10]}, {machine_line(rep['machine'])}; "
+            f"{rep['total_wall_s'] / 60:.0f} min): teacher {rep['teacher']}, {rep['prompts']} captions per split, "
+            f"DPM++ {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}, seed {EVAL_SEED} + index.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
