@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from distill_sd.conditioning import replace_word_states
 from distill_sd.demo import eval_scenes
 from distill_sd.evaluate import evaluate
 from distill_sd.generate import set_scheduler
@@ -41,23 +40,15 @@ MODES = {"shipped": "as shipped", "eot": "words -> end-of-text state", "start": 
 SPLITS = {"heldout": "held-out compositions", "train": "training split"}
 
 
-def replace_word_states(pipe: Any, mode: str) -> Any:
+def hook_word_states(pipe: Any, mode: str) -> Any:
     """Hook the pipeline's text encoder so its output at word tokens (not start, end-of-text or padding) is replaced
-    as `mode` says; returns the hook's handle."""
-    tok = pipe.tokenizer
-    special = torch.tensor([tok.bos_token_id, tok.eos_token_id, tok.pad_token_id])
+    as `mode` says (conditioning.replace_word_states); returns the hook's handle."""
+    eos = pipe.tokenizer.eos_token_id
 
     def hook(_module: Any, args: tuple, kwargs: dict, out: Any) -> Any:
-        ids = args[0] if args else kwargs["input_ids"]
-        words = ~torch.isin(ids, special.to(ids.device))
-        h = out.last_hidden_state
-        if mode == "shipped" or not words.any():
-            return out
-        if mode == "eot":  # the first end-of-text token: where the caption ends
-            source = h[torch.arange(len(h)), (ids == tok.eos_token_id).int().argmax(dim=1)]
-        else:
-            source = h[:, 0]
-        out.last_hidden_state = torch.where(words[..., None], source[:, None, :].expand_as(h), h)
+        if mode != "shipped":
+            ids = args[0] if args else kwargs["input_ids"]
+            out.last_hidden_state = replace_word_states(out.last_hidden_state, (ids == eos).int().argmax(dim=1), mode)
         return out
 
     return pipe.text_encoder.register_forward_hook(hook, with_kwargs=True)
@@ -84,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     for split in SPLITS:
         scenes = eval_scenes(args.prompts, split)
         for mode in MODES:
-            handle = replace_word_states(pipe, mode)
+            handle = hook_word_states(pipe, mode)
             try:
                 r = evaluate(mode, pipe, scenes, seed=EVAL_SEED, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
             finally:

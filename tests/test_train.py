@@ -100,15 +100,42 @@ def test_v_prediction_and_sdxl_teachers_distil(narrow_dirs, shapes, tmp_path, ar
 
 
 def test_cache_trains_like_images(narrow_dirs, shapes, tmp_path, capsys):
+    """The cache and the encoders give the U-Net the same inputs, word dropout included (it changes them)."""
     assert main(["cache", "--base", str(narrow_dirs["sd15"]), "--data", str(shapes), "--out", str(tmp_path / "c"),
                  "--resolution", "64"]) == 0
     common = ["--checkpointing_steps", "100", "--proportion_empty_prompts", "0.2"]
+    words = ["--word_dropout", "0.5"]
     assert main(_args(narrow_dirs["sd15"], shapes, tmp_path / "img", 4, *common)) == 0
-    argv = _args(narrow_dirs["sd15"], shapes, tmp_path / "cached", 4, *common)
+    assert main(_args(narrow_dirs["sd15"], shapes, tmp_path / "img-words", 4, *common, *words)) == 0
+    argv = _args(narrow_dirs["sd15"], shapes, tmp_path / "cached", 4, *common, *words)
     argv[argv.index("--data"):argv.index("--data") + 2] = ["--cache", str(tmp_path / "c")]
     assert main(argv) == 0
-    a, b = _unet(tmp_path / "img").state_dict(), _unet(tmp_path / "cached").state_dict()
+    a, b = _unet(tmp_path / "img-words").state_dict(), _unet(tmp_path / "cached").state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    plain = _unet(tmp_path / "img").state_dict()
+    assert max((a[k] - plain[k]).abs().max().item() for k in a) > 1e-4
+
+
+def test_replace_word_states_keeps_special_tokens_and_rows():
+    import torch
+
+    from distill_sd.conditioning import end_of_text_positions, replace_word_states
+    from distill_sd.reference import clip_tokenizer
+
+    tok = clip_tokenizer()
+    eot = end_of_text_positions(tok, ["a red circle", "", "a blue square left of a red circle"])
+    assert eot.tolist() == [4, 1, 9]
+    embeds = torch.randn(3, 77, 5)
+    out = replace_word_states(embeds, eot, rows=torch.tensor([True, True, False]))
+    assert torch.equal(out[0, 1:4], embeds[0, 4].expand(3, 5))  # words -> the end-of-text state
+    assert torch.equal(out[0, [0, *range(4, 77)]], embeds[0, [0, *range(4, 77)]])  # start, end, padding kept
+    assert torch.equal(out[1:], embeds[1:])  # no words in "", row 2 not chosen
+    start = replace_word_states(embeds, eot, "start")
+    assert torch.equal(start[2, 1:9], embeds[2, 0].expand(8, 5)) and torch.equal(start[2, 9:], embeds[2, 9:])
+    with pytest.raises(ValueError, match="eot' or 'start"):
+        replace_word_states(embeds, eot, "middle")
+    with pytest.raises(UserError, match="word_dropout must be in"):
+        TrainConfig(mode="finetune", out="o", student="s", cache="c", word_dropout=-0.1).resolved()
 
 
 def test_yaml_config_with_cli_override(narrow_dirs, shapes, tmp_path):

@@ -334,6 +334,8 @@ _TRAIN_HELP = {
     "proportion_empty_prompts": "fraction of captions replaced by the empty prompt (for classifier-free guidance)",
     "kd_caption_mix": "distill: fraction of samples conditioned on another sample's caption (the teacher answers "
                       "for that pair; the task term skips it)",
+    "word_dropout": "fraction of samples that see only the text encoder's summary of the caption (word-token states "
+                    "replaced by the end-of-text state); SD-1/SD-2",
     "class_prompt": "DreamBooth prior preservation (with --instance_prompt): the class, such as 'a photo of a dog'; "
                     "the model draws --num_class_images of it before training and learns them beside the instances",
     "class_data_dir": "where the class images are kept and reused (default: OUT/class_images)",

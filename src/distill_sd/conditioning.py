@@ -59,3 +59,29 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
                    generator: torch.Generator | None) -> torch.Tensor:
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * noise) * scaling_factor
+
+
+def end_of_text_positions(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Where each caption's first end-of-text token sits in the pipeline's tokenisation: the state a CLIP text
+    encoder pools, the last one that has read the whole caption (its attention is causal)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return (ids == tokenizer.eos_token_id).int().argmax(dim=1)
+
+
+def replace_word_states(embeds: torch.Tensor, eot: torch.Tensor, source: str = "eot",
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`embeds` (B x tokens x dim) with the states at the word tokens (after the start token, before the
+    end-of-text token at `eot`) replaced by the caption's end-of-text state (`source="eot"`: the encoder's summary
+    of the caption) or by the start state (`"start"`: the same for every caption); only in `rows` (B bools) if
+    given. Start, end-of-text and padding states are kept."""
+    if source not in ("eot", "start"):
+        raise ValueError(f"source must be 'eot' or 'start', got {source!r}")
+    eot = eot.to(embeds.device)
+    position = torch.arange(embeds.shape[1], device=embeds.device)
+    words = (position > 0) & (position < eot[:, None])
+    if rows is not None:
+        words = words & rows.to(embeds.device)[:, None]
+    at = eot if source == "eot" else torch.zeros_like(eot)
+    state = embeds[torch.arange(len(embeds), device=embeds.device), at]
+    return torch.where(words[..., None], state[:, None, :].expand_as(embeds), embeds)

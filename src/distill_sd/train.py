@@ -129,6 +129,10 @@ class TrainConfig:
     # teacher still answers, so the student learns the teacher's text -> image function beyond the pairs in the
     # data. Those samples have no ground truth: the task term skips them.
     kd_caption_mix: float = 0.0
+    # This fraction of samples sees only the text encoder's summary of its caption: the states at the word tokens
+    # replaced by the end-of-text state (conditioning.replace_word_states), so the U-Net also learns to draw from
+    # what the encoder read of the whole caption, not only from each word's state. SD-1/SD-2 (one text encoder).
+    word_dropout: float = 0.0
     teacher_dtype: str | None = None
     rank: int = 4  # lora: adapter rank
     lora_alpha: float | None = None  # lora: adapters are scaled by lora_alpha / rank (default: the rank, scale 1)
@@ -194,6 +198,8 @@ class TrainConfig:
             raise UserError("--loss_ground must be >= 0")
         if not 0 <= self.kd_caption_mix <= 1:
             raise UserError(f"--kd_caption_mix must be in [0, 1], got {self.kd_caption_mix}")
+        if not 0 <= self.word_dropout <= 1:
+            raise UserError(f"--word_dropout must be in [0, 1], got {self.word_dropout}")
         if self.kd_caption_mix and self.mode != "distill":
             raise UserError("--kd_caption_mix needs a teacher to answer the mixed captions: it is for distill")
         if self.kd_caption_mix and self.loss_ground:
@@ -567,6 +573,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         raise UserError(f"the scheduler predicts '{prediction_type}'; training supports epsilon and v_prediction")
     resolution = cfg.resolution or student.config.sample_size * _vae_scale(base)
     scaling_factor = base.vae.config.scaling_factor
+    tokenizer = base.tokenizer  # kept when the base is released: --word_dropout finds the words with it
+    if cfg.word_dropout and getattr(base, "text_encoder_2", None) is not None:
+        raise UserError("--word_dropout is for pipelines with one text encoder (SD-1/SD-2); drop it for SDXL")
 
     # Frozen parts: eval, no grad, in the mixed dtype. With a cache, the VAE and text encoders are not needed
     # during training at all: they are released, and reloaded from their source for validation and saving.
@@ -611,6 +620,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             raise UserError(f"cache '{cfg.cache}' was made at {dataset.index['resolution']} px but training "
                             f"runs at {resolution} px; pass --resolution {dataset.index['resolution']} or re-cache")
         collate, streaming = _collate_cached, False
+        if cfg.word_dropout:  # where each cached caption's words end
+            from distill_sd.conditioning import end_of_text_positions
+
+            caption_eot = end_of_text_positions(tokenizer, dataset.index["captions"])
     else:
         from distill_sd.data import TrainingExamples, collate_skip_none, image_transform, open_dataset
 
@@ -681,7 +694,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     def conditioning(batch: dict[str, Any], g: torch.Generator):
         """(latents, text conditioning, which captions were dropped) for a batch, from the cache or from the
         frozen encoders."""
-        from distill_sd.conditioning import encode_latent_dist, encode_text, sample_latents
+        from distill_sd.conditioning import (
+            encode_latent_dist,
+            encode_text,
+            end_of_text_positions,
+            replace_word_states,
+            sample_latents,
+        )
 
         n = len(batch["caption_id"] if cfg.cache is not None else batch["caption"])
 
@@ -691,6 +710,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         # Drawn before either path encodes anything, in one order, so the cache and the encoders see the same
         # masks: caption mixing first (a row takes its neighbour's caption), then empty-caption dropout.
         mixed, drop = coin(cfg.kd_caption_mix), coin(cfg.proportion_empty_prompts)
+        words_dropped = coin(cfg.word_dropout)  # drawn last: runs without it keep their masks
         if cfg.cache is not None:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
             ids = batch["caption_id"]
@@ -699,6 +719,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             if drop is not None:
                 ids = torch.where(drop, torch.zeros_like(ids), ids)  # row 0 is the empty prompt
             cond = dataset.text_conditioning(ids, device, weight_dtype)
+            if words_dropped is not None:
+                cond.embeds = replace_word_states(cond.embeds, caption_eot[ids], rows=words_dropped)
         else:
             mean, std = encode_latent_dist(base, batch["pixel_values"].to(device))
             captions = list(batch["caption"])
@@ -708,6 +730,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             cond = encode_text(base, captions, device)
             cond.embeds = cond.embeds.to(weight_dtype)
+            if words_dropped is not None:
+                cond.embeds = replace_word_states(cond.embeds, end_of_text_positions(tokenizer, captions),
+                                                  rows=words_dropped)
             if cond.pooled is not None:
                 cond.pooled = cond.pooled.to(weight_dtype)
         latents = sample_latents(mean, std, scaling_factor, g)

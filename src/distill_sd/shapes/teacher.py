@@ -97,12 +97,14 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
                  snr_gamma: float | None = 5.0, vae_dir: Path | None = None, eval_prompts: int = 300,
                  reader_steps: int | None = None, reader_nouns: bool = False,
                  grounding: tuple[int, float, float] | None = None, start_from: Path | None = None,
-                 data_seed: int | None = None, two_object_share: float | None = None) -> dict:
+                 data_seed: int | None = None, two_object_share: float | None = None,
+                 word_dropout: float = 0.0) -> dict:
     """Every stage. `grounding` (steps, peak lr, weight): one more cycle with the grounding loss added (each
     object's words must attend inside that object, kd.grounding_loss); with `start_from`, a teacher pipeline
     whose earlier cycles are done, only the data, the cache, the `restarts` cycles and that one run, from it.
     The training split is drawn with `data_seed` (default: `seed`) and, if given, exactly `two_object_share` of
-    two-object scenes (world.sample_scenes)."""
+    two-object scenes (world.sample_scenes). `word_dropout`: in the `restarts` cycles, this share of the samples
+    sees only the text encoder's summary of its caption (TrainConfig.word_dropout)."""
     from distill_sd.cache import GROUNDING_FILE, build_cache
     from distill_sd.models import check_new_output_dir, load_teacher
     from distill_sd.shapes import export_image_folder, heldout_prompts
@@ -125,13 +127,13 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
     if not (work / "cache").is_dir():
         build_cache(load_teacher(kit).pipeline, str(kit), str(data), work / "cache", resolution=64, batch_size=64)
 
-    def cycle(run: str, steps: int, learning_rate: float, warmup: int, seed: int, **source) -> Path:
+    def cycle(run: str, steps: int, learning_rate: float, warmup: int, seed: int, **options) -> Path:
         """One cosine cycle of the U-Net's task loss (and `loss_ground`, if given), checkpointed every 500 steps
         and resumable."""
         if (work / run / "final").is_dir():  # finished before an interruption of a later stage
             return work / run / "final"
         return train(TrainConfig(
-            **source, cache=str(work / "cache"), out=str(work / run), seed=seed, train_batch_size=batch_size,
+            **options, cache=str(work / "cache"), out=str(work / run), seed=seed, train_batch_size=batch_size,
             max_train_steps=steps, learning_rate=learning_rate, lr_scheduler="cosine", lr_warmup_steps=warmup,
             proportion_empty_prompts=EMPTY_PROMPTS,
             snr_gamma=snr_gamma,  # Min-SNR-5 weighting: Hang et al. report ~3x faster convergence
@@ -145,7 +147,7 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
         final = cycle("run", steps, learning_rate, min(500, steps // 10), seed, mode="pretrain", base=str(kit))
     for i, (restart_steps, restart_lr) in enumerate(restarts, start=2):  # warm restarts
         final = cycle(f"run{i}", restart_steps, restart_lr, min(200, restart_steps // 10), seed + i - 1,
-                      mode="finetune", student=str(final))
+                      mode="finetune", student=str(final), word_dropout=word_dropout)
     if grounding is not None:
         ground_steps, ground_lr, ground_weight = grounding
         if not (work / "cache" / GROUNDING_FILE).is_file():
@@ -160,7 +162,7 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
                "batch_size": batch_size, "learning_rate": learning_rate, "restarts": [list(r) for r in restarts],
                "snr_gamma": snr_gamma, "seed": seed, "reader_nouns": reader_nouns,
                "start_from": str(start_from) if start_from else None, "data_seed": data_seed,
-               "two_object_share": two_object_share,
+               "two_object_share": two_object_share, "word_dropout": word_dropout,
                "grounding": list(grounding) if grounding else None}
     (work / "teacher_eval.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
@@ -190,6 +192,9 @@ def main() -> None:
     p.add_argument("--two-object-share", type=float, metavar="S",
                    help="experimental: a training split with exactly this share of two-object scenes (default: about "
                         "half; 0.75 measured to cost accuracy on held-out compositions: see the teacher's README)")
+    p.add_argument("--word-dropout", type=float, default=0.0, metavar="P",
+                   help="experimental: in the --restarts cycles, this share of the samples sees only the text "
+                        "encoder's summary of its caption (its word-token states replaced by the end-of-text state)")
     p.add_argument("--vae", help="an already trained shapes VAE folder")
     p.add_argument("--reader-steps", type=int, default=None,
                    help="steps teaching the text encoder to read captions (default: the kit's; 0: keep it random)")
@@ -201,9 +206,11 @@ def main() -> None:
         p.error("--start-from runs only the cycles you give: add --restarts STEPS:LR or --grounding STEPS:LR:WEIGHT")
     if a.two_object_share is not None and not 0 <= a.two_object_share <= 1:
         p.error(f"--two-object-share must be between 0 and 1, got {a.two_object_share}")
+    if not 0 <= a.word_dropout <= 1:
+        p.error(f"--word-dropout must be between 0 and 1, got {a.word_dropout}")
     make_teacher(Path(a.work), Path(a.out), steps=a.steps, images=a.images, batch_size=a.batch_size,
                  seed=a.seed, learning_rate=a.learning_rate, restarts=restarts, data_seed=a.data_seed,
-                 two_object_share=a.two_object_share,
+                 two_object_share=a.two_object_share, word_dropout=a.word_dropout,
                  snr_gamma=a.snr_gamma or None, vae_dir=Path(a.vae) if a.vae else None, reader_steps=a.reader_steps,
                  reader_nouns=a.reader_nouns, grounding=a.grounding,
                  start_from=Path(a.start_from) if a.start_from else None)
