@@ -138,6 +138,14 @@ def test_replace_word_states_keeps_special_tokens_and_rows():
         TrainConfig(mode="finetune", out="o", student="s", cache="c", word_dropout=-0.1).resolved()
 
 
+def test_word_dropout_on_sdxl_is_one_clear_line(narrow_dirs, shapes, tmp_path, capsys):
+    code = main(["finetune", "--student", str(narrow_dirs["sdxl"]), "--data", str(shapes), "--out", str(tmp_path / "r"),
+                 "--resolution", "64", "--max_train_steps", "1", "--report_to", "none", "--no-progress",
+                 "--word_dropout", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "one text encoder" in err and len(err.splitlines()) == 1, err
+
+
 def test_yaml_config_with_cli_override(narrow_dirs, shapes, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"teacher: {narrow_dirs['sd15']}\nstudent: bk-tiny\ndata: {shapes}\nresolution: 64\n"
