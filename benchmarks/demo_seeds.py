@@ -37,6 +37,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from distill_sd.cli import fraction
 from distill_sd.demo import FULL, cache_data, distill_config, distill_in_parallel, eval_scenes, evaluate_model
 from distill_sd.report import machine, write_results  # machine: CPU model, ISA, cores, versions
 from distill_sd.shapes import export_image_folder
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--more", type=int, nargs="*", default=[], help="step counts each run continues to")
     p.add_argument("--prompts", type=int, default=FULL.eval_prompts, help="held-out prompts (demo: %(default)s)")
     p.add_argument("--images", type=int, default=FULL.train_images, help="training images (demo: %(default)s)")
-    p.add_argument("--two-object-share", type=float, metavar="S",
+    p.add_argument("--two-object-share", type=fraction, metavar="S",
                    help="training split with exactly this share of two-object scenes (demo: about half)")
     p.add_argument("--student", default=STUDENT, help="catalogue student (default %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -66,8 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or any(m <= args.steps for m in args.more):
         p.error("--seeds and --steps must be >= 1, and every --more step count above --steps")
-    if args.two_object_share is not None and not 0 <= args.two_object_share <= 1:
-        p.error(f"--two-object-share must be between 0 and 1, got {args.two_object_share}")
     try:
         args.overrides = parse_overrides(args.overrides)
     except ValueError as e:

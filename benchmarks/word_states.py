@@ -27,13 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill_sd.conditioning import replace_word_states
-from distill_sd.demo import eval_scenes
+from distill_sd.conditioning import first_token_positions, replace_word_states
+from distill_sd.demo import eval_scenes, load_eval_pipeline
 from distill_sd.evaluate import evaluate
-from distill_sd.generate import set_scheduler
-from distill_sd.models import load_teacher
 from distill_sd.report import machine, machine_line, markdown_table, write_results
-from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SCHEDULER, EVAL_SEED, EVAL_STEPS, teacher_dir
+from distill_sd.shapes.teacher import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS, teacher_dir
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = {"shipped": "as shipped", "eot": "words -> end-of-text state", "start": "words -> start state"}
@@ -42,13 +40,12 @@ SPLITS = {"heldout": "held-out compositions", "train": "training split"}
 
 def hook_word_states(pipe: Any, mode: str) -> Any:
     """Hook the pipeline's text encoder so its output at word tokens (not start, end-of-text or padding) is replaced
-    as `mode` says (conditioning.replace_word_states); returns the hook's handle."""
+    as `mode` ("eot" or "start") says (conditioning.replace_word_states); returns the hook's handle."""
     eos = pipe.tokenizer.eos_token_id
 
     def hook(_module: Any, args: tuple, kwargs: dict, out: Any) -> Any:
-        if mode != "shipped":
-            ids = args[0] if args else kwargs["input_ids"]
-            out.last_hidden_state = replace_word_states(out.last_hidden_state, (ids == eos).int().argmax(dim=1), mode)
+        ids = args[0] if args else kwargs["input_ids"]
+        out.last_hidden_state = replace_word_states(out.last_hidden_state, first_token_positions(ids, eos), mode)
         return out
 
     return pipe.text_encoder.register_forward_hook(hook, with_kwargs=True)
@@ -68,18 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
-    pipe = load_teacher(args.teacher or teacher_dir()).pipeline
-    set_scheduler(pipe, EVAL_SCHEDULER)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_eval_pipeline(Path(args.teacher) if args.teacher else teacher_dir())
     rows = []
     for split in SPLITS:
         scenes = eval_scenes(args.prompts, split)
         for mode in MODES:
-            handle = hook_word_states(pipe, mode)
+            handle = hook_word_states(pipe, mode) if mode != "shipped" else None
             try:
                 r = evaluate(mode, pipe, scenes, seed=EVAL_SEED, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
             finally:
-                handle.remove()
+                if handle is not None:
+                    handle.remove()
             rows.append({"split": split, "mode": mode, **r.scores})
             print(f"{SPLITS[split]}, {MODES[mode]}: {r.accuracy:.1%}", flush=True)
     command = "python benchmarks/word_states.py " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -153,3 +153,14 @@ def test_teacher_restarts_parse_steps_and_learning_rate():
     for bad in ("7000", "x:1e-4", "0:1e-4", "100:0", "100:-1e-3"):
         with pytest.raises(argparse.ArgumentTypeError, match="STEPS:LEARNING_RATE"):
             parse_restart(bad)
+
+
+def test_share_options_take_numbers_from_0_to_1():
+    import argparse
+
+    from distill_sd.cli import fraction
+
+    assert [fraction(t) for t in ("0", "0.75", "1")] == [0.0, 0.75, 1.0]
+    for bad, says in (("1.5", "from 0 to 1"), ("-0.1", "from 0 to 1"), ("half", "not a number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            fraction(bad)

@@ -558,6 +558,17 @@ def _positive_multiple_of_8(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type for a share: a number from 0 to 1 (the shapes scripts' --two-object-share, --word-dropout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a share: give a number from 0 to 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()

@@ -66,7 +66,12 @@ def end_of_text_positions(tokenizer, captions: list[str]) -> torch.Tensor:
     encoder pools, the last one that has read the whole caption (its attention is causal)."""
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    return (ids == tokenizer.eos_token_id).int().argmax(dim=1)
+    return first_token_positions(ids, tokenizer.eos_token_id)
+
+
+def first_token_positions(ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """Per row of `ids` (B x tokens), the index of the first `token_id` (0 where there is none)."""
+    return (ids == token_id).int().argmax(dim=1)
 
 
 def replace_word_states(embeds: torch.Tensor, eot: torch.Tensor, source: str = "eot",

@@ -261,12 +261,23 @@ def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalR
     from seed + i), scored exactly; agreement is measured against `reference` (the teacher's result) when given.
     `lora`: a LoRA fused into the pipeline first."""
     from distill_sd.evaluate import evaluate
+    from distill_sd.measure import pipeline_unet_counts
+
+    pipe = load_eval_pipeline(path, scheduler=scheduler, lora=lora)
+    r = evaluate(name, pipe, scenes, seed=seed, steps=steps, guidance=guidance, reference=reference,
+                 progress=progress)
+    r.unet_params, r.unet_macs = pipeline_unet_counts(pipe, RESOLUTION)
+    return r
+
+
+def load_eval_pipeline(path: Path, *, scheduler: str = EVAL_SCHEDULER, lora: Path | None = None) -> Any:
+    """The pipeline at `path` ready to draw evaluation images: a diffusers pipeline (with `lora` fused, on
+    `scheduler`) or an ONNX / OpenVINO export (its runtime draws the images); progress bars off."""
     from distill_sd.export import ExportedPipeline, is_export_dir
     from distill_sd.generate import fuse_lora, set_scheduler
-    from distill_sd.measure import pipeline_unet_counts
     from distill_sd.models import load_teacher
 
-    if is_export_dir(path):  # an ONNX / OpenVINO export: its runtime draws the images
+    if is_export_dir(path):
         if lora is not None:
             raise UserError(f"'{path}' is an exported model: fuse the LoRA before exporting (--lora applies to "
                             "diffusers pipelines)")
@@ -277,10 +288,7 @@ def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalR
             fuse_lora(pipe, lora)
         set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
-    r = evaluate(name, pipe, scenes, seed=seed, steps=steps, guidance=guidance, reference=reference,
-                 progress=progress)
-    r.unet_params, r.unet_macs = pipeline_unet_counts(pipe, RESOLUTION)
-    return r
+    return pipe
 
 
 def _rows(results: list[Any]) -> list[dict[str, Any]]:

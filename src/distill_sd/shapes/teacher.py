@@ -170,6 +170,8 @@ def make_teacher(work: Path, out: Path, *, steps: int, images: int, batch_size: 
 
 
 def main() -> None:
+    from distill_sd.cli import fraction
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="working folder (resumable: finished stages are reused)")
     p.add_argument("--out", required=True, help="where the teacher pipeline is written")
@@ -189,10 +191,10 @@ def main() -> None:
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting gamma (0: off)")
     p.add_argument("--seed", type=int, default=0, help="kit, data and first cycle; cycle i runs with seed + i - 1")
     p.add_argument("--data-seed", type=int, help="draws the training split (default: --seed)")
-    p.add_argument("--two-object-share", type=float, metavar="S",
+    p.add_argument("--two-object-share", type=fraction, metavar="S",
                    help="experimental: a training split with exactly this share of two-object scenes (default: about "
                         "half; 0.75 measured to cost accuracy on held-out compositions: see the teacher's README)")
-    p.add_argument("--word-dropout", type=float, default=0.0, metavar="P",
+    p.add_argument("--word-dropout", type=fraction, default=0.0, metavar="P",
                    help="experimental: in the --restarts cycles, this share of the samples sees only the text "
                         "encoder's summary of its caption (its word-token states replaced by the end-of-text state)")
     p.add_argument("--vae", help="an already trained shapes VAE folder")
@@ -204,10 +206,6 @@ def main() -> None:
     restarts = tuple(a.restarts) if a.restarts is not None else () if a.start_from else RESTARTS
     if a.start_from and not (restarts or a.grounding):
         p.error("--start-from runs only the cycles you give: add --restarts STEPS:LR or --grounding STEPS:LR:WEIGHT")
-    if a.two_object_share is not None and not 0 <= a.two_object_share <= 1:
-        p.error(f"--two-object-share must be between 0 and 1, got {a.two_object_share}")
-    if not 0 <= a.word_dropout <= 1:
-        p.error(f"--word-dropout must be between 0 and 1, got {a.word_dropout}")
     make_teacher(Path(a.work), Path(a.out), steps=a.steps, images=a.images, batch_size=a.batch_size,
                  seed=a.seed, learning_rate=a.learning_rate, restarts=restarts, data_seed=a.data_seed,
                  two_object_share=a.two_object_share, word_dropout=a.word_dropout,
