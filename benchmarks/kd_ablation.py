@@ -49,7 +49,7 @@ from distill_sd.demo import (
     eval_scenes,
     evaluate_model,
 )
-from distill_sd.report import machine, write_results
+from distill_sd.report import machine, run_lines, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 STUDENT = "bk-tiny"
@@ -245,9 +245,7 @@ def markdown(rep: dict[str, Any]) -> str:
         f"Student U-Net: {rep['student'].get('unet_params', 0) / 1e6:.2f} M parameters.",
         f"- Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, torch threads {m['torch_threads']} "
         f"(OMP_NUM_THREADS={c['omp_num_threads']}); torch {m['torch']}, diffusers {m['diffusers']}, Python {m['python']}.",
-        f"- Date: {rep['date']}; whole benchmark {rep['total_wall_s'] / 60:.1f} min.",
-        f"- Command: `{rep['command']}`",
-        "",
+        *run_lines(rep),
     ]
     return "\n".join(lines)
 

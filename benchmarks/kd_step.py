@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import distill_sd  # noqa: F401  (sets torch's OpenMP wait policy before torch loads; see its __init__)
-from distill_sd.report import machine, write_results  # noqa: E402  (machine: CPU model, ISA, cores, versions)
+from distill_sd.report import machine, run_lines, write_results  # noqa: E402  (machine: CPU model, ISA, cores, versions)
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("ours", "ref")  # always measured; --extra adds EXTRA (the same command with other precision flags)
@@ -494,9 +494,7 @@ def markdown(rep: dict) -> str:
         f"- Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, {m['ram_mb'] / 1024:.0f} GB RAM; "
         f"torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}, accelerate {m['accelerate']}, "
         f"Python {m['python']}.",
-        f"- Date: {rep['date']}; whole benchmark {rep['total_wall_s'] / 60:.1f} min.",
-        f"- Command: `{rep['command']}`",
-        "",
+        *run_lines(rep),
     ]
     return "\n".join(lines)
 

@@ -57,6 +57,12 @@ def machine_line(m: dict[str, Any] | None = None) -> str:
     return f"{m['cpu']} ({isa}), {m['cores']} cores, torch {m['torch']}"
 
 
+def run_lines(rep: dict[str, Any]) -> list[str]:
+    """A benchmark report's closing markdown lines: when it ran, how long it took, the command that reproduces it."""
+    return [f"- Date: {rep['date']}; whole benchmark {rep['total_wall_s'] / 60:.1f} min.",
+            f"- Command: `{rep['command']}`", ""]
+
+
 def write_results(folder: str | Path, name: str, report: dict[str, Any], md: str) -> Path:
     """A benchmark's result, printed and written as NAME.md (the table people read) and NAME.json (everything, for
     re-analysis); returns the .md path."""
