@@ -271,22 +271,11 @@ def evaluate_model(name: str, path: Path, scenes: list[Any], *, reference: EvalR
 
 
 def load_eval_pipeline(path: Path, *, scheduler: str = EVAL_SCHEDULER, lora: Path | None = None) -> Any:
-    """The pipeline at `path` ready to draw evaluation images: a diffusers pipeline (with `lora` fused, on
-    `scheduler`) or an ONNX / OpenVINO export (its runtime draws the images); progress bars off."""
-    from distill_sd.export import ExportedPipeline, is_export_dir
-    from distill_sd.generate import fuse_lora, set_scheduler
-    from distill_sd.models import load_teacher
+    """The pipeline at `path` ready to draw evaluation images: a diffusers pipeline as loaded (with `lora` fused,
+    on `scheduler`) or an ONNX / OpenVINO export (its runtime draws the images); progress bars off."""
+    from distill_sd.generate import load_pipeline
 
-    if is_export_dir(path):
-        if lora is not None:
-            raise UserError(f"'{path}' is an exported model: fuse the LoRA before exporting (--lora applies to "
-                            "diffusers pipelines)")
-        pipe = ExportedPipeline.load(path, scheduler=scheduler)
-    else:
-        pipe = load_teacher(path).pipeline
-        if lora is not None:
-            fuse_lora(pipe, lora)
-        set_scheduler(pipe, scheduler)
+    pipe = load_pipeline(str(path), scheduler=scheduler, lora=lora, fast=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -70,9 +70,12 @@ def set_scheduler(pipe: Any, name: str) -> None:
 
 
 def load_pipeline(model: str, *, device: str = "auto", dtype: str = "auto", scheduler: str | None = "dpm++",
-                  lora: str | None = None, compile: bool = False, allow_pickle: bool = False) -> Any:
+                  lora: str | None = None, compile: bool = False, allow_pickle: bool = False,
+                  fast: bool = True) -> Any:
     """A ready-to-run pipeline: loaded, LoRA fused, cast, laid out and placed for fast inference. An exported
-    folder (`distill-sd export`) runs on ONNX Runtime / OpenVINO on the CPU, in the precision it was exported in."""
+    folder (`distill-sd export`) runs on ONNX Runtime / OpenVINO on the CPU, in the precision it was exported in.
+    `fast=False` keeps the weights as loaded (fp32, default layout and attention, on the CPU): evaluation draws with
+    it, so its figures repeat whatever the fast path's kernels do."""
     from distill_sd.export import ExportedPipeline, is_export_dir
     from distill_sd.models import load_teacher
 
@@ -85,14 +88,16 @@ def load_pipeline(model: str, *, device: str = "auto", dtype: str = "auto", sche
         pipe = ExportedPipeline.load(model, scheduler=scheduler or "dpm++")
         pipe.set_progress_bar_config(leave=False)
         return pipe
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    if fast:  # a device or dtype this machine lacks is refused before the load
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
     pipe = load_teacher(model, allow_pickle=allow_pickle).pipeline
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
     if lora is not None:
         fuse_lora(pipe, lora)
-    optimize(pipe, dev, dt, compile=compile)
+    if fast:
+        optimize(pipe, dev, dt, compile=compile)
     return pipe
 
 
